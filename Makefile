@@ -1,0 +1,41 @@
+# Set-up and everyday commands. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# strict: a link tree that static tools resolve; new files need a re-link, which these rules do.
+EDITABLE := --config-settings editable_mode=strict
+SOURCES := $(shell find cli client proto server training -name '*.py' 2>/dev/null)
+
+.PHONY: install serve test lint demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]" $(EDITABLE)
+	touch $@
+
+$(VENV)/.linked: $(VENV)/.deps $(SOURCES)
+	$(PIP) --no-deps -e . $(EDITABLE)
+	touch $@
+
+install: $(VENV)/.linked
+
+serve: install
+	$(VENV)/bin/tokenrm serve
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.training
+
+demo: install
+	$(VENV)/bin/tokenrm train-rm --preset demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

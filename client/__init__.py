@@ -1,0 +1,1 @@
+"""tokenrm.client: RewardClient, the trainer-side library for HTTP and gRPC."""

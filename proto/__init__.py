@@ -1,0 +1,1 @@
+"""tokenrm.proto: the gRPC schema (tokenrm/v1/reward.proto) and its generated code."""

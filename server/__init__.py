@@ -1,0 +1,1 @@
+"""tokenrm.server: the scoring engine and its HTTP and gRPC adapters."""

@@ -1,0 +1,123 @@
+"""`tokenrm train-rm`: fit a token reward model on minimal-edit pairs with the HF Trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from tokenrm.training.data import Pair, load_pairs
+from tokenrm.training.encoding import encode, fit
+from tokenrm.training.evaluate import evaluate
+from tokenrm.training.labels import IGNORE, edit_labels
+from tokenrm.training.model import build_model
+from tokenrm.training.presets import Preset
+from tokenrm.training.tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    seed: int = 0                 # model init, data order and dropout
+    threads: int | None = None    # torch CPU threads; None: torch's default
+    grad_accum: int = 1           # optimiser step every this many batches
+    base: Path | None = None      # a local HF checkpoint to start from instead of a fresh backbone
+    progress: bool = True         # show the Trainer's progress bar
+
+
+def make_examples(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_len: int
+                  ) -> tuple[list[dict[str, list[int]]], int]:
+    """Two labelled sequences per pair (rejected, edited); also how many responses were cut."""
+    examples, cut = [], 0
+    for pair in pairs:
+        rejected = encode(tokenizer, pair.prompt, pair.rejected)
+        edited = encode(tokenizer, pair.prompt, pair.edited)
+        labels = edit_labels(rejected.response_ids, edited.response_ids)
+        for enc, lab in zip((rejected, edited), labels, strict=True):
+            prompt_ids, response_ids, was_cut = fit(enc.prompt_ids, enc.response_ids, max_len)
+            cut += was_cut
+            examples.append({"input_ids": prompt_ids + response_ids,
+                             "labels": [IGNORE] * len(prompt_ids) + lab[:len(response_ids)]})
+    if cut:
+        log.warning("%d responses are longer than max_len=%d tokens and were truncated",
+                    cut, max_len)
+    return examples, cut
+
+
+def _tokenizer(pairs: Sequence[Pair], preset: Preset, base: Path | None
+               ) -> PreTrainedTokenizerBase:
+    if base is not None:
+        return AutoTokenizer.from_pretrained(base)
+    texts = (t for p in pairs for t in (p.prompt, p.rejected, p.edited))
+    return train_tokenizer(texts, vocab_size=preset.vocab_size)
+
+
+def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> dict[str, Any]:
+    """Train on data/train.jsonl, keep the best epoch by loss on data/eval.jsonl, write `out`.
+
+    Returns the metrics also written to out/metrics.json.
+    """
+    started = time.perf_counter()
+    set_seed(options.seed)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    train_pairs, eval_pairs = load_pairs(data / "train.jsonl"), load_pairs(data / "eval.jsonl")
+    tokenizer = _tokenizer(train_pairs, preset, options.base)
+    model = build_model(preset, tokenizer, options.base)
+    max_len = min(preset.max_len, model.config.max_position_embeddings)
+    train_set, train_cut = make_examples(tokenizer, train_pairs, max_len)
+    eval_set, eval_cut = make_examples(tokenizer, eval_pairs, max_len)
+
+    scratch = out / ".trainer"
+    args = TrainingArguments(
+        output_dir=str(scratch), seed=options.seed, num_train_epochs=preset.epochs,
+        per_device_train_batch_size=preset.batch_size, per_device_eval_batch_size=64,
+        gradient_accumulation_steps=options.grad_accum, learning_rate=preset.lr,
+        lr_scheduler_type="cosine", warmup_steps=preset.warmup_ratio,
+        weight_decay=preset.weight_decay, eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=1, save_only_model=True, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", train_sampling_strategy="group_by_length", logging_steps=20,
+        report_to="none", disable_tqdm=not options.progress, dataloader_pin_memory=False)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=DataCollatorForTokenClassification(tokenizer))
+    trainer.train()
+    model = trainer.model
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(scratch, ignore_errors=True)
+    result = {
+        "preset": preset.to_dict(),
+        "seed": options.seed,
+        "train": {
+            "pairs": len(train_pairs), "steps": trainer.state.global_step,
+            "loss_first": train_losses[0] if train_losses else None,
+            "loss_last": train_losses[-1] if train_losses else None,
+            "eval_loss_by_epoch": [h["eval_loss"] for h in history if "eval_loss" in h],
+            "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "truncated_responses": {"train": train_cut, "eval": eval_cut},
+        "eval": evaluate(model, tokenizer, eval_pairs, max_len),
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
