@@ -51,16 +51,20 @@ def _string(row: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _errors(value: Any, where: str, rejected: str) -> tuple[ErrorSpan, ...]:
     if not isinstance(value, list):
         raise DataError(f"{where}: field 'errors' must be a list")
     spans = []
     for i, item in enumerate(value):
-        try:
-            span = ErrorSpan(kind=str(item["kind"]), start=int(item["start"]),
-                             end=int(item["end"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{where}: errors[{i}] needs kind, start, end ({exc})") from None
+        if not (isinstance(item, dict) and isinstance(item.get("kind"), str)
+                and _is_int(item.get("start")) and _is_int(item.get("end"))):
+            raise DataError(f"{where}: errors[{i}] must be an object with a string 'kind' and "
+                            "integer 'start' and 'end'")
+        span = ErrorSpan(item["kind"], item["start"], item["end"])
         if not 0 <= span.start < span.end <= len(rejected):
             raise DataError(f"{where}: errors[{i}] span [{span.start}, {span.end}) is outside "
                             f"the rejected response (length {len(rejected)})")
@@ -81,7 +85,7 @@ def parse_pair(line: str, where: str) -> Pair:
     edited_key = "chosen" if "chosen" in row else "edited"
     rejected = _string(row, "rejected", where)
     pair_id = row.get("id")
-    if pair_id is not None and not isinstance(pair_id, str | int):
+    if pair_id is not None and not (isinstance(pair_id, str) or _is_int(pair_id)):
         raise DataError(f"{where}: field 'id' must be a string or an integer")
     return Pair(
         prompt=_string(row, "prompt", where),

@@ -54,6 +54,7 @@ TEMPLATES = {
 ATTRIBUTES = tuple(TEMPLATES)
 _VALUES = {"age": [str(a) for a in AGES], "city": CITIES, "job": JOBS, "pet": PETS}
 _FUTURE = "In {years} years {name} will be {value}."
+CONFUSE_WITH_OTHER = 0.0  # share of wrong facts taken from the other person in the prompt
 ERROR_KINDS = ("wrong_fact", "wrong_math", "rude", "repeated", "off_topic")
 
 
@@ -109,7 +110,7 @@ def _correct_sentences(rng: random.Random, p: Person) -> list[_Sentence]:
 
 
 def _wrong_value(rng: random.Random, attr: str, right: str, other: Person) -> str:
-    if other.facts[attr] != right and rng.random() < 0.5:
+    if other.facts[attr] != right and rng.random() < CONFUSE_WITH_OTHER:
         return other.facts[attr]
     return rng.choice([v for v in _VALUES[attr] if v != right])
 
@@ -175,7 +176,7 @@ def make_pair(rng: random.Random, world: list[Person], pair_id: str) -> Pair:
     subject, other = rng.sample(world, 2)
     prompt = make_prompt(rng, subject, other)
     sentences = _correct_sentences(rng, subject)
-    kinds = rng.sample(ERROR_KINDS, rng.choices((1, 2, 3), weights=(5, 3, 1))[0])
+    kinds = rng.sample(ERROR_KINDS, rng.choices((1, 2, 3), weights=(2, 3, 2))[0])
     kinds.sort(key=ERROR_KINDS.index)  # change values before a sentence can be repeated
     applied = [k for k in kinds if _corrupt(rng, sentences, k, subject, other)]
     if not applied:  # every kind found no room: an insertion always does

@@ -15,6 +15,7 @@ import torch
 from transformers import (
     AutoTokenizer,
     DataCollatorForTokenClassification,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
@@ -30,6 +31,16 @@ from tokenrm.training.presets import Preset
 from tokenrm.training.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What `train_rm` made: the checkpoint directory, and the best model, tokenizer, metrics."""
+
+    path: Path
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    metrics: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -68,10 +79,10 @@ def _tokenizer(pairs: Sequence[Pair], preset: Preset, base: Path | None
     return train_tokenizer(texts, vocab_size=preset.vocab_size)
 
 
-def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> dict[str, Any]:
+def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     """Train on data/train.jsonl, keep the best epoch by loss on data/eval.jsonl, write `out`.
 
-    Returns the metrics also written to out/metrics.json.
+    The checkpoint directory gets the model, its tokenizer and metrics.json.
     """
     started = time.perf_counter()
     set_seed(options.seed)
@@ -92,10 +103,11 @@ def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> di
         lr_scheduler_type="cosine", warmup_steps=preset.warmup_ratio,
         weight_decay=preset.weight_decay, eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, save_only_model=True, load_best_model_at_end=True,
-        metric_for_best_model="eval_loss", train_sampling_strategy="group_by_length", logging_steps=20,
+        metric_for_best_model="eval_loss", train_sampling_strategy="group_by_length", logging_steps=10,
         report_to="none", disable_tqdm=not options.progress, dataloader_pin_memory=False)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=DataCollatorForTokenClassification(tokenizer))
+    eval_loss_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     model = trainer.model
     history = trainer.state.log_history
@@ -112,7 +124,9 @@ def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> di
             "pairs": len(train_pairs), "steps": trainer.state.global_step,
             "loss_first": train_losses[0] if train_losses else None,
             "loss_last": train_losses[-1] if train_losses else None,
-            "eval_loss_by_epoch": [h["eval_loss"] for h in history if "eval_loss" in h],
+            "eval_loss_before": eval_loss_before,
+            "eval_loss_by_epoch": [h["eval_loss"] for h in history
+                                   if "eval_loss" in h and h.get("epoch", 0) > 0],
             "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
             "seconds": round(time.perf_counter() - started, 1),
         },
@@ -120,4 +134,4 @@ def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> di
         "eval": evaluate(model, tokenizer, eval_pairs, max_len),
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return Trained(out, model, tokenizer, result)

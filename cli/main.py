@@ -1,0 +1,99 @@
+"""The `tokenrm` command: parses arguments, imports the heavy parts only for the chosen job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from tokenrm.training import synth
+    from tokenrm.training.data import write_pairs
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    n_eval = max(1, args.n // 10)
+    n_train = write_pairs(args.out / "train.jsonl", synth.generate(args.seed, args.n - n_eval))
+    # A separate seed: held-out pairs come from a world of other people.
+    n_held = write_pairs(args.out / "eval.jsonl", synth.generate(args.seed + 10_000, n_eval))
+    print(f"wrote {n_train} training and {n_held} held-out pairs to {args.out}")
+
+
+def _train_rm(args: argparse.Namespace) -> None:
+    from tokenrm.training.presets import PRESETS
+    from tokenrm.training.train import TrainOptions, train_rm
+
+    options = TrainOptions(seed=args.seed, threads=args.threads, grad_accum=args.grad_accum,
+                           base=args.base)
+    trained = train_rm(args.data, args.out, PRESETS[args.preset], options)
+    print(json.dumps({"checkpoint": str(args.out), **trained.metrics["eval"]}, indent=2))
+
+
+def _eval_rm(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from tokenrm.training.data import load_pairs
+    from tokenrm.training.evaluate import evaluate
+
+    model = AutoModelForTokenClassification.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    max_len = model.config.max_position_embeddings
+    print(json.dumps(evaluate(model, tokenizer, load_pairs(args.data), max_len), indent=2))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from tokenrm.training.demo import demo_checkpoint
+
+    print(demo_checkpoint(args.cache_dir, args.preset))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenrm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write seeded minimal-edit pairs (train/eval JSONL)")
+    p.add_argument("--out", type=Path, required=True, help="directory for train.jsonl, eval.jsonl")
+    p.add_argument("--n", type=int, default=6000, help="pairs in all; a tenth are held out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_synth)
+
+    p = sub.add_parser("train-rm", help="train a token reward model; writes a HF checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="directory with train/eval.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
+    p.add_argument("--base", type=Path, help="a local HF checkpoint to start from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.set_defaults(run=_train_rm)
+
+    p = sub.add_parser("eval-rm", help="print a token reward model's metrics as JSON")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--data", type=Path, required=True, help="a JSONL file of pairs")
+    p.set_defaults(run=_eval_rm)
+
+    p = sub.add_parser("demo", help="build (once) and print the path of the demo model")
+    p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
+    p.add_argument("--cache-dir", type=Path, help="default: the user's cache directory")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tokenrm.training.data import DataError
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"tokenrm {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

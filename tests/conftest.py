@@ -1,0 +1,39 @@
+"""Shared fixtures: a tokenizer and a tiny trained checkpoint, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tokenrm.training import synth
+from tokenrm.training.data import write_pairs
+from tokenrm.training.presets import PRESETS
+from tokenrm.training.tokenizer import train_tokenizer
+from tokenrm.training.train import Trained, TrainOptions, train_rm
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    texts = [t for p in synth.generate(3, 300) for t in (p.prompt, p.rejected, p.edited)]
+    return train_tokenizer(texts + ["Ana lives in Lima. Oslo. Köln Łódź"], vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data")
+    write_pairs(path / "train.jsonl", synth.generate(5, 200))
+    write_pairs(path / "eval.jsonl", synth.generate(6, 40))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Trained:
+    """A tiny model trained for a few steps; its checkpoint is `tiny_checkpoint`."""
+    out = tmp_path_factory.mktemp("ckpt") / "rm"
+    return train_rm(data_dir, out, PRESETS["tiny"], TrainOptions(seed=0, progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_trained: Trained) -> Path:
+    return tiny_trained.path

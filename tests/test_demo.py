@@ -1,0 +1,43 @@
+"""The demo model's cache: built once per recipe, rebuilt when the recipe changes."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tokenrm.training import demo
+from tokenrm.training.presets import PRESETS
+
+
+def test_built_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    builds = []
+    real_build = demo.build_checkpoint
+
+    def counting_build(out: Path, preset, progress: bool = True) -> None:
+        builds.append(out)
+        real_build(out, preset, progress=False)
+
+    monkeypatch.setattr(demo, "build_checkpoint", counting_build)
+    first = demo.demo_checkpoint(tmp_path, "tiny")
+    second = demo.demo_checkpoint(tmp_path, "tiny")
+    assert first == second and len(builds) == 1
+    assert (first / "config.json").exists() and (first / "tokenizer.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [first.name]
+
+
+def test_a_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_build(out: Path, preset, progress: bool = True) -> None:
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(demo, "build_checkpoint", failing_build)
+    with pytest.raises(RuntimeError, match="disk full"):
+        demo.demo_checkpoint(tmp_path, "tiny")
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_the_key_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = demo.recipe_key(PRESETS["demo"])
+    assert demo.recipe_key(dataclasses.replace(PRESETS["demo"], lr=0.5)) != key
+    monkeypatch.setattr(demo, "RECIPE", demo.RECIPE + "-next")
+    assert demo.recipe_key(PRESETS["demo"]) != key

@@ -1,0 +1,67 @@
+"""The demo model: built on first use from the demo preset, cached per recipe version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+from platformdirs import user_cache_dir
+
+from tokenrm.training import synth
+from tokenrm.training.data import write_pairs
+from tokenrm.training.presets import PRESETS, Preset
+from tokenrm.training.train import TrainOptions, train_rm
+
+log = logging.getLogger(__name__)
+
+# Bump when the recipe changes in a way the preset does not show (data, labels, training code).
+RECIPE = "1"
+DATA_SEED, EVAL_SEED, TRAIN_SEED = 1, 2, 0
+
+
+def recipe_key(preset: Preset) -> str:
+    """A short key that changes whenever the recipe or the preset does."""
+    text = json.dumps({"recipe": RECIPE, "preset": preset.to_dict()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(user_cache_dir("tokenrm"))
+
+
+def build_checkpoint(out: Path, preset: Preset, progress: bool = True) -> None:
+    """Synthesize the preset's data and train on it, writing the checkpoint to `out`."""
+    with tempfile.TemporaryDirectory(prefix="tokenrm-data-") as tmp:
+        data = Path(tmp)
+        write_pairs(data / "train.jsonl", synth.generate(DATA_SEED, preset.n_train))
+        write_pairs(data / "eval.jsonl", synth.generate(EVAL_SEED, preset.n_eval))
+        train_rm(data, out, preset, TrainOptions(seed=TRAIN_SEED, progress=progress))
+
+
+def demo_checkpoint(cache_dir: Path | None = None, preset_name: str = "demo",
+                    progress: bool = True) -> Path:
+    """The cached checkpoint of `preset_name`, built first if this recipe has none yet.
+
+    Concurrent callers wait on a lock; a build that fails leaves nothing behind.
+    """
+    preset = PRESETS[preset_name]
+    root = cache_dir or default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{preset_name}-{recipe_key(preset)}"
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        log.warning("building the %s model into %s (once per recipe; a few minutes on a CPU)",
+                    preset_name, target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+        try:
+            build_checkpoint(staging, preset, progress)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
