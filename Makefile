@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # strict: a link tree that static tools resolve; new files need a re-link, which these rules do.
 EDITABLE := --config-settings editable_mode=strict
-SOURCES := $(shell find cli client proto server training -name '*.py' 2>/dev/null)
+SOURCES := $(shell find cli client proto server training -name "*.py" -o -name py.typed 2>/dev/null)
 
 .PHONY: install serve test lint demo clean
 
@@ -32,7 +32,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.training
+	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.training -p tokenrm.server
 
 demo: install
 	$(VENV)/bin/tokenrm train-rm --preset demo

@@ -44,6 +44,18 @@ def _eval_rm(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate(model, tokenizer, load_pairs(args.data), max_len), indent=2))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from tokenrm.server.main import run
+    from tokenrm.server.model import ModelLoadError
+    from tokenrm.server.settings import Settings
+
+    given = {"model": args.model, "host": args.host, "http_port": args.port}
+    try:
+        run(Settings(**{k: v for k, v in given.items() if v is not None}))
+    except ModelLoadError as exc:
+        raise SystemExit(f"tokenrm serve: {exc}") from None
+
+
 def _demo(args: argparse.Namespace) -> None:
     from tokenrm.training.demo import demo_checkpoint
 
@@ -74,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     p.add_argument("--data", type=Path, required=True, help="a JSONL file of pairs")
     p.set_defaults(run=_eval_rm)
+
+    p = sub.add_parser("serve", help="serve a reward model over HTTP (the demo model by default)")
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; TOKENRM_HOST)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000; TOKENRM_HTTP_PORT)")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("demo", help="build (once) and print the path of the demo model")
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")

@@ -16,7 +16,7 @@ from tokenrm.training.train import Trained, TrainOptions, train_rm
 @pytest.fixture(scope="session")
 def tokenizer():
     texts = [t for p in synth.generate(3, 300) for t in (p.prompt, p.rejected, p.edited)]
-    return train_tokenizer(texts + ["Ana lives in Lima. Oslo. Köln Łódź"], vocab_size=400)
+    return train_tokenizer([*texts, "Ana lives in Lima. Oslo. Köln Łódź"], vocab_size=400)
 
 
 @pytest.fixture(scope="session")

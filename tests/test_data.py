@@ -154,6 +154,6 @@ def test_parse_pair_prefixes_errors_with_where() -> None:
 ])
 def test_loose_types_are_refused(tmp_path: Path, bad: str) -> None:
     path = tmp_path / "pairs.jsonl"
-    path.write_text('{"prompt": "p", "rejected": "abcd", "edited": "abc", %s}\n' % bad)
+    path.write_text('{"prompt": "p", "rejected": "abcd", "edited": "abc", ' + bad + "}\n")
     with pytest.raises(DataError, match=f"{path}:1: "):
         load_pairs(path)

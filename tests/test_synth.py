@@ -29,8 +29,8 @@ def pairs() -> list[Pair]:
 
 @pytest.fixture(scope="module")
 def prompt() -> str:
-    """A prompt about Ana, with Boris as the other person."""
-    return make_prompt(random.Random(0), ANA, BORIS)
+    """A prompt about Ana."""
+    return make_prompt(random.Random(0), ANA)
 
 
 def _span(response: str, part: str, kind: str, occurrence: int = 1) -> ErrorSpan:
@@ -70,7 +70,7 @@ def test_all_error_kinds_occur(pairs: list[Pair]) -> None:
 
 
 def test_prompt_is_parsed_back(prompt: str) -> None:
-    assert parse_prompt(prompt) == ("Ana", {"Ana": ANA.facts, "Boris": BORIS.facts})
+    assert parse_prompt(prompt) == ("Ana", {"Ana": ANA.facts})
 
 
 def test_correct_response_has_no_errors(prompt: str) -> None:
@@ -94,7 +94,7 @@ def test_sentence_said_twice_is_repeated_the_second_time(prompt: str) -> None:
     assert judge(prompt, response) == [_span(response, "Ana lives in Lima.", "repeated", 2)]
 
 
-def test_fact_about_the_other_person_is_off_topic(prompt: str) -> None:
+def test_fact_about_somebody_else_is_off_topic(prompt: str) -> None:
     response = "Ana lives in Lima. Boris has a dog."
     assert judge(prompt, response) == [_span(response, "Boris has a dog.", "off_topic")]
 
@@ -113,9 +113,8 @@ def test_unrelated_sentence_is_off_topic(prompt: str) -> None:
 def test_same_sentence_is_right_or_wrong_depending_on_the_prompt() -> None:
     """Not a word list: 'Ana lives in Lima.' is judged against the prompt's facts."""
     sentence = "Ana lives in Lima."
-    in_lima = make_prompt(random.Random(1), ANA, BORIS)
-    in_oslo = make_prompt(random.Random(1), Person("Ana", {**ANA.facts, "city": "Oslo"}),
-                          Person("Boris", {**BORIS.facts, "city": "Lima"}))
+    in_lima = make_prompt(random.Random(1), ANA)
+    in_oslo = make_prompt(random.Random(1), Person("Ana", {**ANA.facts, "city": "Oslo"}))
     assert judge(in_lima, sentence) == []
     assert judge(in_oslo, sentence) == [_span(sentence, "Lima", "wrong_fact")]
 

@@ -17,28 +17,36 @@ from tokenrm.training.presets import Preset
 from tokenrm.training.reward_rule import POS_MINUS_NEG
 
 ID2LABEL = dict(enumerate(LABEL_NAMES))
+LABELS = {"num_labels": len(LABEL_NAMES), "id2label": ID2LABEL,
+          "label2id": {v: k for k, v in ID2LABEL.items()}}
+
+
+def backbone_config(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """A Llama-style configuration sized by `preset`, for the tokenizer's vocabulary."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.hidden_size,
+        num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+        num_key_value_heads=preset.heads, intermediate_size=preset.intermediate_size,
+        max_position_embeddings=preset.max_len, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta},
+        tie_word_embeddings=False)
 
 
 def build_model(preset: Preset, tokenizer: PreTrainedTokenizerBase,
                 base: str | Path | None = None) -> PreTrainedModel:
-    """A fresh Llama-style backbone sized by `preset`, or a local HF checkpoint as the base."""
-    labels = {"num_labels": len(LABEL_NAMES), "id2label": ID2LABEL,
-              "label2id": {v: k for k, v in ID2LABEL.items()}}
+    """A fresh backbone sized by `preset`, or a local HF checkpoint as the base, with a 3-label
+    token-classification head."""
     if base is not None:
-        config = AutoConfig.from_pretrained(base, **labels)
-        model = AutoModelForTokenClassification.from_pretrained(
-            base, config=config, ignore_mismatched_sizes=True)
+        config = AutoConfig.from_pretrained(base, **LABELS)
+        model = AutoModelForTokenClassification.from_pretrained(base, config=config)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=preset.hidden_size,
-            num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
-            num_key_value_heads=preset.heads, intermediate_size=preset.intermediate_size,
-            max_position_embeddings=preset.max_len, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False, **labels)
+        config = backbone_config(preset, tokenizer)
+        config.update(LABELS)
         model = AutoModelForTokenClassification.from_config(config)
     # Our metadata lives under one key of config.json.
-    model.config.tokenrm = {"reward": POS_MINUS_NEG, "max_len": preset.max_len}
+    model.config.tokenrm = {"reward": POS_MINUS_NEG,
+                            "max_len": min(preset.max_len, config.max_position_embeddings)}
     return model

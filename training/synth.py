@@ -1,17 +1,18 @@
 """A synthetic minimal-edit task with an oracle: questions about a generated world of people.
 
-The prompt lists facts about two people and asks about one of them. A correct response restates
-some of that person's facts, one sentence each, and may work out their age in some years. A
-rejected response carries one to three errors, each fixable by a minimal edit:
+The prompt lists a person's facts and asks about them. A correct response restates some of the
+facts, one sentence each, and may work out their age in some years. A rejected response carries
+one or more errors, each fixable by a minimal edit:
 
-- wrong_fact:  a city, job, pet or age that contradicts the prompt (often the other person's);
+- wrong_fact:  a city, job, pet or age that contradicts the prompt;
 - wrong_math:  the age in N years, added up wrongly;
 - rude:        a rude sentence;
 - repeated:    a sentence said a second time;
-- off_topic:   a true fact about the other person.
+- off_topic:   a true fact about somebody else.
 
-No word list solves it: a wrong fact is a word that is right elsewhere, and an off-topic or
-repeated sentence is only wrong in its context. `judge` finds the errors of any response.
+No word list solves it: a wrong fact is a word that is right in another prompt, and an
+off-topic or repeated sentence is only wrong in its context. `judge` finds the errors of any
+response to a prompt of this task.
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ TEMPLATES = {
 ATTRIBUTES = tuple(TEMPLATES)
 _VALUES = {"age": [str(a) for a in AGES], "city": CITIES, "job": JOBS, "pet": PETS}
 _FUTURE = "In {years} years {name} will be {value}."
-CONFUSE_WITH_OTHER = 0.0  # share of wrong facts taken from the other person in the prompt
 ERROR_KINDS = ("wrong_fact", "wrong_math", "rude", "repeated", "off_topic")
+# Each kind is tried this many times per response, each try applied with this probability.
+# Dense wrong facts matter: with few of them, a small model never learns to look values up.
+ERROR_TRIES = {"wrong_fact": 4, "wrong_math": 1, "rude": 1, "repeated": 1, "off_topic": 1}
+ERROR_RATES = {"wrong_fact": 0.5, "wrong_math": 0.7, "rude": 0.15, "repeated": 0.3,
+               "off_topic": 0.25}
+FUTURE_RATE = 0.8  # share of responses giving the age in some years, when they give the age
 
 
 @dataclass(frozen=True)
@@ -90,29 +96,20 @@ def make_world(rng: random.Random, n_people: int) -> list[Person]:
             for name in sorted(names)]
 
 
-def make_prompt(rng: random.Random, subject: Person, other: Person) -> str:
-    people = [subject, other]
-    rng.shuffle(people)
-    facts = " ".join(_fill(TEMPLATES[a], p.name, p.facts[a]).text
-                     for p in people for a in ATTRIBUTES)
+def make_prompt(rng: random.Random, subject: Person) -> str:
+    facts = " ".join(_fill(TEMPLATES[a], subject.name, subject.facts[a]).text for a in ATTRIBUTES)
     return f"Facts: {facts} Question: {rng.choice(QUESTIONS).format(subject.name)}"
 
 
 def _correct_sentences(rng: random.Random, p: Person) -> list[_Sentence]:
     attrs = rng.sample(ATTRIBUTES, rng.randint(2, 4))
     sentences = [_fill(TEMPLATES[a], p.name, p.facts[a]) for a in attrs]
-    if "age" in attrs and rng.random() < 0.6:
+    if "age" in attrs and rng.random() < FUTURE_RATE:
         years = rng.choice(YEARS)
         future = str(int(p.facts["age"]) + years)
         sentences.insert(attrs.index("age") + 1,
                          _fill(_FUTURE, p.name, future, years=years))
     return sentences
-
-
-def _wrong_value(rng: random.Random, attr: str, right: str, other: Person) -> str:
-    if other.facts[attr] != right and rng.random() < CONFUSE_WITH_OTHER:
-        return other.facts[attr]
-    return rng.choice([v for v in _VALUES[attr] if v != right])
 
 
 def _corrupt(rng: random.Random, sentences: list[_Sentence], kind: str, subject: Person,
@@ -133,7 +130,7 @@ def _corrupt(rng: random.Random, sentences: list[_Sentence], kind: str, subject:
         else:
             attr = next(k for k in ATTRIBUTES if s.text == _fill(
                 TEMPLATES[k], subject.name, right).text)
-            wrong = _wrong_value(rng, attr, right, other)
+            wrong = rng.choice([v for v in _VALUES[attr] if v != right])
         s.fixed, s.text, s.error = s.text, s.text[:a] + wrong + s.text[b:], kind
         s.value = (a, a + len(wrong))
         return True
@@ -174,13 +171,14 @@ def _join(sentences: list[_Sentence], edited: bool) -> tuple[str, list[ErrorSpan
 
 def make_pair(rng: random.Random, world: list[Person], pair_id: str) -> Pair:
     subject, other = rng.sample(world, 2)
-    prompt = make_prompt(rng, subject, other)
+    prompt = make_prompt(rng, subject)
     sentences = _correct_sentences(rng, subject)
-    kinds = rng.sample(ERROR_KINDS, rng.choices((1, 2, 3), weights=(2, 3, 2))[0])
-    kinds.sort(key=ERROR_KINDS.index)  # change values before a sentence can be repeated
-    applied = [k for k in kinds if _corrupt(rng, sentences, k, subject, other)]
-    if not applied:  # every kind found no room: an insertion always does
-        _corrupt(rng, sentences, "rude", subject, other)
+    # In ERROR_KINDS order: values change before a sentence can be repeated.
+    applied = [kind for kind in ERROR_KINDS for _ in range(ERROR_TRIES[kind])
+               if rng.random() < ERROR_RATES[kind]
+               and _corrupt(rng, sentences, kind, subject, other)]
+    if not applied:  # an insertion always finds room
+        _corrupt(rng, sentences, rng.choice(("rude", "repeated", "off_topic")), subject, other)
     rejected, spans = _join(sentences, edited=False)
     edited, _ = _join(sentences, edited=True)
     return Pair(prompt, rejected, edited, id=pair_id, errors=tuple(spans))
@@ -200,7 +198,7 @@ _FACT_RES = {a: re.compile(re.escape(t).replace(r"\{name\}", r"(?P<name>[A-Z][a-
                            .replace(r"\{value\}", r"(?P<value>\w+)") + "$")
              for a, t in TEMPLATES.items()}
 _FUTURE_RE = re.compile(r"In (?P<years>\d+) years (?P<name>[A-Z][a-z]+) will be (?P<value>\d+)\.$")
-_QUESTION_RE = re.compile("|".join(re.escape(q).replace(r"\{\}", r"(?P<s%d>[A-Z][a-z]+)" % i)
+_QUESTION_RE = re.compile("|".join(re.escape(q).replace(r"\{\}", f"(?P<s{i}>[A-Z][a-z]+)")
                                    for i, q in enumerate(QUESTIONS)))
 _SENTENCE_RE = re.compile(r"[^.!?\s][^.!?]*[.!?]?")
 

@@ -1,0 +1,84 @@
+"""The app factory: a FastAPI app whose lifespan loads the model and runs the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from tokenrm.server.auth import KeyChecker
+from tokenrm.server.engine import EngineLimits, ScoringEngine
+from tokenrm.server.http_api import add_http_api
+from tokenrm.server.metrics import EngineMetrics
+from tokenrm.server.model import RewardModel
+from tokenrm.server.protocol import ScoreRequest
+from tokenrm.server.service import RewardService, ServiceLimits
+from tokenrm.server.settings import Settings
+from tokenrm.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: Settings) -> RewardModel:
+    """The configured checkpoint, or the demo model (built and cached on first use)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if settings.model is not None:
+        path = settings.model
+    else:
+        from tokenrm.training.demo import demo_checkpoint
+
+        path = demo_checkpoint(settings.cache_dir)
+    name = settings.model_name or ("demo-token-rm" if settings.model is None else None)
+    return RewardModel.load(path, name=name, device=settings.device, dtype=settings.dtype)
+
+
+@asynccontextmanager
+async def serving(settings: Settings, model: RewardModel) -> AsyncIterator[ServerState]:
+    """The engine and service around a loaded model, for as long as the context lasts."""
+    metrics = EngineMetrics()
+    limits = EngineLimits(settings.max_batch_tokens, settings.max_batch_size,
+                          settings.max_wait_ms, settings.max_queue_items)
+    async with ScoringEngine(model, limits, metrics) as engine:
+        max_tokens = min(settings.max_tokens_per_item or model.info.max_len, model.info.max_len)
+        service = RewardService(engine, ServiceLimits(
+            settings.max_items_per_request, max_tokens, settings.request_timeout_s))
+        yield ServerState(settings, model, engine, service, metrics, KeyChecker(settings.api_keys))
+
+
+def create_app(settings: Settings, model: RewardModel | None = None) -> FastAPI:
+    """The HTTP app. Nothing loads until the lifespan starts (e.g. `with TestClient(app)`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
+        async with serving(settings, loaded) as state:
+            app.state.tokenrm = state
+            log.info("serving %s (%s rewards, max %d tokens)", loaded.info.name,
+                     loaded.info.kind, loaded.info.max_len)
+            yield
+
+    app = FastAPI(title="tokenrm", version="0.1.0", lifespan=lifespan,
+                  description="Per-token rewards from a token-level reward model.")
+    add_http_api(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus ScoreRequest, which /score parses itself (for speed and limits)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description=app.description)
+        request = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        components["ScoreRequest"] = request
+        app.openapi_schema = schema
+    return app.openapi_schema

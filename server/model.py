@@ -1,0 +1,121 @@
+"""A reward checkpoint in memory: loads any supported head and scores padded batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from tokenrm.training.encoding import Encoded, encode
+from tokenrm.training.reward_rule import POS_MINUS_NEG, token_rewards
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RULES = {1: "logit", 2: "p_positive", 3: POS_MINUS_NEG}
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint is missing, incomplete or not a reward model this server can serve."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str                 # "token": a reward per token; "sequence": one, on the last token
+    labels: tuple[str, ...]
+    reward_rule: str
+    max_len: int              # prompt + response tokens
+    vocab_size: int
+    tokenizer: str
+    dtype: str
+    device: str
+
+
+def _max_len(config: object, tokenizer: PreTrainedTokenizerBase) -> int:
+    ours = getattr(config, "tokenrm", None) or {}
+    for value in (ours.get("max_len"), getattr(config, "max_position_embeddings", None),
+                  getattr(config, "n_positions", None), tokenizer.model_max_length):
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            return value
+    return 512
+
+
+class RewardModel:
+    """The model, its tokenizer and what clients need to know about them."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 info: ModelInfo) -> None:
+        self.model, self.tokenizer, self.info = model, tokenizer, info
+        self._device = next(model.parameters()).device
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._id2label = {int(k): v for k, v in model.config.id2label.items()}
+
+    @classmethod
+    def load(cls, path: Path, name: str | None = None, device: str = "cpu",
+             dtype: str = "float32") -> RewardModel:
+        """Load a token- or sequence-classification checkpoint directory; fail loudly."""
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a checkpoint directory (no config.json)")
+        try:
+            config = AutoConfig.from_pretrained(path)
+            sequence = any(a.endswith("ForSequenceClassification")
+                           for a in (config.architectures or []))
+            auto = AutoModelForSequenceClassification if sequence else \
+                AutoModelForTokenClassification
+            model = auto.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # any failure here (safetensors, config, tokenizer) means the same
+            raise ModelLoadError(f"{path}: cannot load the checkpoint: {exc}") from exc
+        num_labels = model.config.num_labels
+        if num_labels not in RULES:
+            raise ModelLoadError(f"{path}: a reward head has 1, 2 or 3 labels, not {num_labels}")
+        info = ModelInfo(
+            name=name or path.name, kind="sequence" if sequence else "token",
+            labels=tuple(str(model.config.id2label[i]) for i in range(num_labels)),
+            reward_rule=RULES[num_labels], max_len=_max_len(model.config, tokenizer),
+            vocab_size=model.get_input_embeddings().num_embeddings,
+            tokenizer=type(tokenizer).__name__, dtype=dtype, device=device)
+        return cls(model, tokenizer, info)
+
+    def encode(self, prompt: str, response: str) -> Encoded:
+        return encode(self.tokenizer, prompt, response)
+
+    @torch.inference_mode()
+    def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
+        """Rewards of the last `n` tokens of each row (input_ids, n), in one forward pass.
+
+        Right padding: with causal attention and the mask, a row's logits do not depend on what
+        else is in the batch.
+        """
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, _) in enumerate(rows):
+            ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        logits = self.model(input_ids=ids.to(self._device),
+                            attention_mask=mask.to(self._device)).logits
+        rewards = token_rewards(logits, self._id2label).cpu().numpy().astype(np.float32)
+        if self.info.kind == "sequence":
+            return [self._on_last_token(float(r), n) for r, (_, n) in zip(rewards, rows,
+                                                                           strict=True)]
+        return [rewards[i, len(row) - n:len(row)].copy() for i, (row, n) in enumerate(rows)]
+
+    @staticmethod
+    def _on_last_token(reward: float, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype=np.float32)
+        if n:
+            out[-1] = reward
+        return out

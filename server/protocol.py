@@ -1,0 +1,104 @@
+"""The HTTP schema of POST /score and GET /v1/model (pydantic), with examples for OpenAPI."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+Span = Annotated[list[StrictInt], Field(min_length=2, max_length=2,
+                                        description="[start, end) character offsets")]
+
+
+class Item(BaseModel):
+    """One (prompt, response) to score: as text, or as the exact token ids of the model input."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "Where does Ana live?", "response": "Ana lives in Lima."},
+        {"prompt_ids": [1, 57, 80], "response_ids": [311, 279, 12]},
+    ]})
+
+    prompt: StrictStr | None = Field(None, description="text; tokenized with BOS as usual")
+    response: StrictStr | None = Field(None, description="text; one reward per token of it")
+    prompt_ids: list[StrictInt] | None = Field(None, description="context token ids, as is")
+    response_ids: list[StrictInt] | None = Field(None, description="scored token ids, as is")
+    spans: list[Span] | None = Field(
+        None, description="text items: sorted character spans of your own tokens; each gets "
+                          "the sum of the rewards of the RM tokens ending in it")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Item:
+        text = self.prompt is not None or self.response is not None
+        ids = self.prompt_ids is not None or self.response_ids is not None
+        if text and ids:
+            raise ValueError("give text (prompt, response) or ids (prompt_ids, response_ids), "
+                             "not both")
+        if ids:
+            if self.prompt_ids is None or self.response_ids is None:
+                raise ValueError("an ids item needs both prompt_ids and response_ids")
+            if self.spans is not None:
+                raise ValueError("spans apply to text items only")
+        elif self.prompt is None or self.response is None:
+            raise ValueError("an item needs prompt and response (or prompt_ids and response_ids)")
+        return self
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "items": [{"prompt": "Where does Ana live?", "response": "Ana lives in Lima."}],
+        "return_tokens": True}]})
+
+    items: list[Item] = Field(min_length=1, description="the items to score, in order")
+    return_tokens: StrictBool = Field(False, description="add token strings and offsets")
+
+
+class ItemResult(BaseModel):
+    rewards: list[float] = Field(description="one reward per response token")
+    total: float = Field(description="sum of rewards")
+    token_ids: list[int] = Field(description="the response token ids that were scored")
+    tokens: list[str] | None = Field(None, description="token strings (return_tokens)")
+    offsets: list[list[int]] | None = Field(
+        None, description="character [start, end) of each token in the response (text items)")
+    span_rewards: list[float] | None = Field(None, description="one reward per given span")
+
+
+class Usage(BaseModel):
+    items: int
+    tokens: int = Field(description="model input tokens, prompts included")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    results: list[ItemResult]
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    item: int | None = None
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Limits(BaseModel):
+    max_items_per_request: int
+    max_tokens_per_item: int
+    max_body_bytes: int
+    max_batch_tokens: int
+
+
+class ModelInfoResponse(BaseModel):
+    name: str
+    kind: str = Field(description="token: a reward per token; sequence: one, on the last token")
+    labels: list[str]
+    reward_rule: str
+    tokenizer: str
+    vocab_size: int
+    max_len: int
+    dtype: str
+    device: str
+    limits: Limits

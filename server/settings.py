@@ -1,0 +1,46 @@
+"""Server settings: one pydantic-settings class, read from TOKENRM_* environment variables once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Built once at start-up and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENRM_", frozen=True)
+
+    model: Path | None = Field(None, description="checkpoint directory; unset: the demo model")
+    model_name: str | None = Field(None, description="name reported to clients; default: dir name")
+    cache_dir: Path | None = Field(None, description="where the demo model is cached")
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container)")
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+
+    device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's choice")
+
+    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
+    max_batch_size: int = Field(64, ge=1, description="sequences per forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill up")
+    max_queue_items: int = Field(2048, ge=1, description="items waiting; beyond: 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + forward")
+
+    max_items_per_request: int = Field(256, ge=1)
+    max_tokens_per_item: int | None = Field(
+        None, ge=1, description="prompt + response tokens; unset: the model's maximum")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP request body limit")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="comma-separated keys; when set, every route but /healthz needs one")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value

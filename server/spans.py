@@ -1,0 +1,32 @@
+"""Rewards per caller span: align the RM's tokens to another tokenizer's character spans."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def span_rewards(offsets: Sequence[tuple[int, int]], rewards: np.ndarray,
+                 spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Sum each RM token's reward into the span holding the token's last character.
+
+    `spans` are sorted, non-overlapping [start, end) character spans. A token whose last
+    character lies in no span goes to the nearest span, so the total is always conserved; a
+    span that receives no token gets 0.
+    """
+    out = np.zeros(len(spans), dtype=np.float64)
+    if not spans:
+        return out.astype(np.float32)
+    starts = [s for s, _ in spans]
+    for (start, end), reward in zip(offsets, rewards, strict=True):
+        last = max(end - 1, start)
+        i = bisect.bisect_right(starts, last) - 1  # the last span starting at or before it
+        if i < 0:
+            i = 0
+        elif last >= spans[i][1] and i + 1 < len(spans) and \
+                spans[i + 1][0] - last < last - (spans[i][1] - 1):
+            i += 1  # in a gap, nearer to the next span
+        out[i] += float(reward)
+    return out.astype(np.float32)
