@@ -27,6 +27,8 @@ class EngineMetrics:
                                          buckets=_SECONDS, registry=r)
         self.tokens = Counter("tokenrm_tokens", "Real tokens scored (rate: tokens/s)",
                               registry=r)
+        self.padded_tokens = Counter("tokenrm_padded_tokens",
+                                     "Tokens computed, padding included", registry=r)
         self.refused = Counter("tokenrm_refused", "Requests refused because the queue was full",
                                registry=r)
         self.requests = Counter("tokenrm_requests", "Requests by transport and outcome",
@@ -40,3 +42,4 @@ class EngineMetrics:
         self.padding_ratio.observe(padded / max(tokens, 1))
         self.forward_seconds.observe(seconds)
         self.tokens.inc(tokens)
+        self.padded_tokens.inc(padded)

@@ -19,7 +19,8 @@ from transformers import (
 )
 
 from tokenrm.training.encoding import Encoded, encode
-from tokenrm.training.reward_rule import POS_MINUS_NEG, token_rewards
+from tokenrm.training.reward_rule import POS_MINUS_NEG
+from tokenrm.training.scoring import row_rewards
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,9 +59,10 @@ class RewardModel:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  info: ModelInfo) -> None:
         self.model, self.tokenizer, self.info = model, tokenizer, info
-        self._device = next(model.parameters()).device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._id2label = {int(k): v for k, v in model.config.id2label.items()}
+        if info.kind == "sequence":
+            # HF pools a sequence head at the last token that is not the config's pad id.
+            model.config.pad_token_id = self._pad_id
 
     @classmethod
     def load(cls, path: Path, name: str | None = None, device: str = "cpu",
@@ -92,22 +94,9 @@ class RewardModel:
     def encode(self, prompt: str, response: str) -> Encoded:
         return encode(self.tokenizer, prompt, response)
 
-    @torch.inference_mode()
     def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
-        """Rewards of the last `n` tokens of each row (input_ids, n), in one forward pass.
-
-        Right padding: with causal attention and the mask, a row's logits do not depend on what
-        else is in the batch.
-        """
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, _) in enumerate(rows):
-            ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
-        logits = self.model(input_ids=ids.to(self._device),
-                            attention_mask=mask.to(self._device)).logits
-        rewards = token_rewards(logits, self._id2label).cpu().numpy().astype(np.float32)
+        """Rewards of the last `n` tokens of each row (input_ids, n), in one forward pass."""
+        rewards = row_rewards(self.model, [ids for ids, _ in rows], self._pad_id)
         if self.info.kind == "sequence":
             return [self._on_last_token(float(r), n) for r, (_, n) in zip(rewards, rows,
                                                                            strict=True)]
