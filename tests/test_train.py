@@ -76,3 +76,23 @@ def test_identical_pair_trains_as_all_neutral(tokenizer) -> None:
     examples, _ = make_examples(tokenizer, [same], max_len=512)
     labels = [lab for e in examples for lab in e["labels"] if lab != IGNORE]
     assert labels and set(labels) == {1}
+
+
+def test_a_local_causal_lm_checkpoint_serves_as_the_base(tokenizer, data_dir: Path,
+                                                         tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokenrm.training.presets import PRESETS
+    from tokenrm.training.train import TrainOptions, train_rm
+
+    base = tmp_path / "base-lm"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    trained = train_rm(data_dir, tmp_path / "rm", PRESETS["tiny"],
+                       TrainOptions(base=base, progress=False))
+    assert trained.model.config.num_labels == 3
+    assert trained.model.config.tokenrm["max_len"] == 192  # the preset's, within the base's 256
+    assert (tmp_path / "rm" / "tokenizer.json").exists()

@@ -29,7 +29,6 @@ def backbone_config(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> Llama
         num_key_value_heads=preset.heads, intermediate_size=preset.intermediate_size,
         max_position_embeddings=preset.max_len, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta},
         tie_word_embeddings=False)
 
 

@@ -7,21 +7,18 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Preset:
-    hidden_size: int = 128     # width of the Llama-style backbone
-    layers: int = 4            # transformer blocks
+    hidden_size: int = 96      # width of the Llama-style backbone
+    layers: int = 2            # transformer blocks
     heads: int = 4             # attention heads (head dim = hidden_size / heads)
-    intermediate_size: int = 256  # MLP width
-    max_len: int = 256         # longest prompt + response, in tokens
-    rope_theta: float = 1e4    # RoPE base; larger bases keep far-apart tokens easier to match
+    intermediate_size: int = 192  # MLP width
+    max_len: int = 640         # longest prompt + response, in tokens (RoPE: no learned positions)
     vocab_size: int = 640      # BPE vocabulary trained on the task's corpus
-    lm_epochs: float = 4.0     # causal-LM pretraining passes over the edited responses (0: none)
-    lm_lr: float = 3e-3        # peak learning rate of the LM pretraining
-    epochs: float = 1.0        # token-label passes over the training pairs
+    epochs: float = 3.0        # passes over the training pairs
     batch_size: int = 32       # sequences per optimiser step (before accumulation)
-    lr: float = 1e-3           # peak learning rate (cosine decay after warm-up)
+    lr: float = 3e-3           # peak learning rate (cosine decay after warm-up)
     warmup_ratio: float = 0.05  # share of steps spent warming up
     weight_decay: float = 0.01
-    n_train: int = 6000        # pairs that `tokenrm synth` writes for this preset
+    n_train: int = 12000       # pairs the demo model is trained on
     n_eval: int = 500          # held-out pairs written beside them
 
     def to_dict(self) -> dict[str, float | int]:
@@ -31,8 +28,7 @@ class Preset:
 PRESETS = {
     # For tests: trains in seconds, learns little.
     "tiny": Preset(hidden_size=32, layers=1, heads=2, intermediate_size=64, max_len=192,
-                   vocab_size=400, lm_epochs=1.0, epochs=2.0, batch_size=16, lr=3e-3, n_train=200,
-                   n_eval=50),
+                   vocab_size=400, epochs=2.0, batch_size=16, lr=3e-3, n_train=200, n_eval=50),
     # The server's built-in default model.
     "demo": Preset(),
 }

@@ -28,7 +28,6 @@ from tokenrm.training.evaluate import evaluate
 from tokenrm.training.labels import IGNORE, edit_labels
 from tokenrm.training.model import build_model
 from tokenrm.training.presets import Preset
-from tokenrm.training.pretrain import pretrain_lm
 from tokenrm.training.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,28 +79,24 @@ def _tokenizer(pairs: Sequence[Pair], preset: Preset, base: Path | None
     return train_tokenizer(texts, vocab_size=preset.vocab_size)
 
 
-def _args(out: Path, preset: Preset, options: TrainOptions, epochs: float, lr: float,
-          evaluate: bool) -> TrainingArguments:
-    """The Trainer settings both phases share; `evaluate` adds per-epoch eval and best-keeping."""
-    per_epoch = {"eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1,
-                 "load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
-                 "per_device_eval_batch_size": 64} if evaluate else {"save_strategy": "no"}
+def _args(out: Path, preset: Preset, options: TrainOptions) -> TrainingArguments:
+    """Evaluate each epoch and keep the best one by held-out loss."""
     return TrainingArguments(
-        output_dir=str(out), seed=options.seed, num_train_epochs=epochs, learning_rate=lr,
-        per_device_train_batch_size=preset.batch_size,
-        gradient_accumulation_steps=options.grad_accum, lr_scheduler_type="cosine",
-        warmup_steps=preset.warmup_ratio, weight_decay=preset.weight_decay,
-        save_only_model=True, train_sampling_strategy="group_by_length", logging_steps=10,
-        report_to="none", disable_tqdm=not options.progress, dataloader_pin_memory=False,
-        **per_epoch)
+        output_dir=str(out), seed=options.seed, num_train_epochs=preset.epochs,
+        learning_rate=preset.lr, per_device_train_batch_size=preset.batch_size,
+        per_device_eval_batch_size=64, gradient_accumulation_steps=options.grad_accum,
+        lr_scheduler_type="cosine", warmup_steps=preset.warmup_ratio,
+        weight_decay=preset.weight_decay, eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=1, save_only_model=True, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", train_sampling_strategy="group_by_length",
+        logging_steps=10, report_to="none", disable_tqdm=not options.progress,
+        dataloader_pin_memory=False)
 
 
 def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     """Train on data/train.jsonl, keep the best epoch by loss on data/eval.jsonl, write `out`.
 
-    Without a base checkpoint, a preset with `lm_epochs` first pretrains its backbone as a
-    causal LM on the training pairs. The checkpoint directory gets the model, its tokenizer and
-    metrics.json.
+    The checkpoint directory gets the model, its tokenizer and metrics.json.
     """
     started = time.perf_counter()
     set_seed(options.seed)
@@ -110,17 +105,12 @@ def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Tr
     train_pairs, eval_pairs = load_pairs(data / "train.jsonl"), load_pairs(data / "eval.jsonl")
     tokenizer = _tokenizer(train_pairs, preset, options.base)
     scratch = out / ".trainer"
-    base = options.base
-    if base is None and preset.lm_epochs > 0:
-        lm_args = _args(scratch / "lm", preset, options, preset.lm_epochs, preset.lm_lr,
-                        evaluate=False)
-        base = pretrain_lm(train_pairs, tokenizer, preset, lm_args, scratch / "lm")
-    model = build_model(preset, tokenizer, base)
+    model = build_model(preset, tokenizer, options.base)
     max_len = model.config.tokenrm["max_len"]
     train_set, train_cut = make_examples(tokenizer, train_pairs, max_len)
     eval_set, eval_cut = make_examples(tokenizer, eval_pairs, max_len)
 
-    args = _args(scratch / "rm", preset, options, preset.epochs, preset.lr, evaluate=True)
+    args = _args(scratch, preset, options)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=DataCollatorForTokenClassification(tokenizer))
     eval_loss_before = trainer.evaluate()["eval_loss"]
