@@ -59,7 +59,7 @@ ERROR_KINDS = ("wrong_fact", "wrong_math", "rude", "repeated", "off_topic")
 # Each kind is tried this many times per response, each try applied with this probability.
 # Dense wrong facts matter: with few of them, a small model never learns to look values up.
 ERROR_TRIES = {"wrong_fact": 4, "wrong_math": 1, "rude": 1, "repeated": 1, "off_topic": 1}
-ERROR_RATES = {"wrong_fact": 0.5, "wrong_math": 0.6, "rude": 0.1, "repeated": 0.15,
+ERROR_RATES = {"wrong_fact": 0.5, "wrong_math": 0.3, "rude": 0.1, "repeated": 0.15,
                "off_topic": 0.15}
 FUTURE_RATE = 0.6  # share of responses giving the age in some years, when they give the age
 

@@ -8,10 +8,12 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional
 from transformers import (
     AutoTokenizer,
     DataCollatorForTokenClassification,
@@ -25,7 +27,7 @@ from transformers import (
 from tokenrm.training.data import Pair, load_pairs
 from tokenrm.training.encoding import encode, fit
 from tokenrm.training.evaluate import evaluate
-from tokenrm.training.labels import IGNORE, edit_labels
+from tokenrm.training.labels import IGNORE, NEUTRAL, edit_labels
 from tokenrm.training.model import build_model
 from tokenrm.training.presets import Preset
 from tokenrm.training.tokenizer import train_tokenizer
@@ -50,6 +52,21 @@ class TrainOptions:
     grad_accum: int = 1           # optimiser step every this many batches
     base: Path | None = None      # a local HF checkpoint to start from instead of a fresh backbone
     progress: bool = True         # show the Trainer's progress bar
+
+
+def weighted_token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None,
+                        weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy over labelled tokens, with edited (negative, positive) tokens weighted.
+
+    Edited tokens are a few percent of all; weighting them speeds up learning to look facts
+    up in the prompt, which plain cross-entropy reaches late or, for some seeds, not at all.
+    """
+    logits = outputs.logits.float()
+    weights = torch.full((logits.shape[-1],), weight, device=logits.device)
+    weights[NEUTRAL] = 1.0
+    return functional.cross_entropy(logits.view(-1, logits.shape[-1]),
+                                    labels.view(-1).to(logits.device),
+                                    weight=weights, ignore_index=IGNORE)
 
 
 def make_examples(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_len: int
@@ -112,7 +129,9 @@ def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Tr
 
     args = _args(scratch, preset, options)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=DataCollatorForTokenClassification(tokenizer))
+                      data_collator=DataCollatorForTokenClassification(tokenizer),
+                      compute_loss_func=partial(weighted_token_loss,
+                                                weight=preset.edit_label_weight))
     eval_loss_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     model = trainer.model
