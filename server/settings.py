@@ -19,7 +19,6 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(None, description="where the demo model is cached")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container)")
     http_port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int = Field(50051, ge=0, le=65535)
 
     device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -1,0 +1,609 @@
+"""HTTP benchmark: `tokenrm serve` beside the raw batched forward and a naive server, in one run.
+
+Per mix of response lengths it measures real tokens/s of (1) the in-process forward batched the
+way the engine batches, (2) the tokenrm server and (3) bench/naive_server.py under the same load
+of concurrent clients; then latency at concurrency 1 and a ceiling from fp32 matmul speed.
+Writes bench/results/http.json and bench/results/http.md (printed too).
+
+    python bench/http_bench.py [--model DIR] [--seconds 15] [--items-per-request 16] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import numpy as np
+import torch
+
+from tokenrm.server.app import load_model
+from tokenrm.server.batching import padded_tokens, pick_batch
+from tokenrm.server.model import RewardModel
+from tokenrm.server.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+NAIVE_SERVER = HERE / "naive_server.py"
+MIXES = {"8-32": (8, 32), "32-128": (32, 128), "16-512": (16, 512)}
+LATENCY_MIX = "8-32"
+PROMPT_LEN = 16
+FIRST_ID = 3            # ids below are special tokens (pad, bos, eos)
+POOL_REQUESTS = 64      # distinct request bodies per mix; clients cycle through them
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+Row = tuple[list[int], int]  # model input ids, number of trailing response tokens
+
+
+@dataclass(frozen=True)
+class Options:
+    seconds: float
+    warmup: float
+    concurrency: int
+    items_per_request: int
+    seed: int
+    latency_requests: int
+    matmul_seconds: float
+    max_settle: float         # longest extra warm-up waiting for every client's first response
+    quick: bool
+
+
+@dataclass(frozen=True)
+class Mix:
+    name: str
+    lo: int
+    hi: int
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Body:
+    """One pre-encoded POST /score body."""
+
+    data: bytes
+    tokens: int          # prompt + response tokens of all items
+    padded: int          # tokens of its items padded to the longest: one forward per request
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request as the client saw it."""
+
+    start: float
+    end: float
+    body: Body
+    ok: bool
+
+    def share_in(self, start: float, end: float) -> float:
+        """The part of this request's lifetime inside [start, end]."""
+        overlap = min(self.end, end) - max(self.start, start)
+        return max(0.0, overlap) / max(self.end - self.start, 1e-9)
+
+
+# ---------------------------------------------------------------- workload
+
+
+def plan_mixes(max_len: int) -> list[Mix]:
+    """The length mixes, the upper bound capped so that prompt + response fits the model."""
+    mixes = []
+    for name, (lo, hi) in MIXES.items():
+        cap = max_len - PROMPT_LEN
+        if hi <= cap:
+            mixes.append(Mix(name, lo, hi))
+        else:
+            note = f"mix {name}: response length capped at {cap} (model max_len {max_len})"
+            mixes.append(Mix(name, min(lo, cap), cap, note))
+    return mixes
+
+
+def make_rows(mix: Mix, vocab_size: int, n: int, seed: int) -> list[Row]:
+    """`n` token items: a random prompt of PROMPT_LEN ids and a response of uniform length."""
+    rng = random.Random(f"{seed}-{mix.name}")
+    rows = []
+    for _ in range(n):
+        length = rng.randint(mix.lo, mix.hi)
+        ids = [rng.randrange(FIRST_ID, vocab_size) for _ in range(PROMPT_LEN + length)]
+        rows.append((ids, length))
+    return rows
+
+
+def to_bodies(rows: Sequence[Row], per_request: int) -> list[Body]:
+    bodies = []
+    for start in range(0, len(rows), per_request):
+        chunk = rows[start:start + per_request]
+        items = [{"prompt_ids": ids[:len(ids) - n], "response_ids": ids[len(ids) - n:]}
+                 for ids, n in chunk]
+        data = json.dumps({"items": items}, separators=(",", ":")).encode()
+        lengths = [len(ids) for ids, _ in chunk]
+        bodies.append(Body(data, sum(lengths), padded_tokens(lengths)))
+    return bodies
+
+
+# ---------------------------------------------------------------- server processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running(name: str, command: Callable[[int], list[str]], ready_path: str,
+            env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a server on 127.0.0.1, wait until `ready_path` answers 200, yield its URL, stop it."""
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command(port), env={**os.environ, **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(name, proc, url + ready_path, log)
+            yield url
+        finally:
+            stop(proc)
+
+
+def _wait_ready(name: str, proc: subprocess.Popen[bytes], url: str, log: IO[str]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} not ready within {READY_TIMEOUT_S:g} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then kill if it has not exited in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def tokenrm_command(model: Path) -> Callable[[int], list[str]]:
+    return lambda port: [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
+                         "--host", "127.0.0.1", "--port", str(port)]
+
+
+def naive_command(model: Path) -> Callable[[int], list[str]]:
+    return lambda port: [sys.executable, str(NAIVE_SERVER), "--model", str(model),
+                         "--port", str(port)]
+
+
+# ---------------------------------------------------------------- load over HTTP
+
+
+def new_client(url: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0,
+                             headers={"content-type": "application/json"})
+
+
+async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
+    """The counters of /metrics (Prometheus text format) by name; none if it has no /metrics."""
+    response = await http.get("/metrics")
+    if response.status_code != 200:
+        return {}
+    text = response.text
+    found = re.findall(r"^(tokenrm_\w+_total) ([0-9.eE+-]+)$", text, flags=re.MULTILINE)
+    return {name: float(value) for name, value in found}
+
+
+@dataclass
+class _Load:
+    """What one load run shares between its clients."""
+
+    unanswered: set[int]                  # clients still waiting for their first response
+    samples: list[Sample] = field(default_factory=list)
+    stop_at: float = math.inf             # no client starts a request after this
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def answered(self, client: int) -> None:
+        self.unanswered.discard(client)
+        if not self.unanswered:
+            self.settled.set()
+
+
+async def _client(http: httpx.AsyncClient, bodies: Sequence[Body], client: int, first: int,
+                  load: _Load) -> None:
+    """Send requests back to back until `load.stop_at`, cycling through the bodies."""
+    for i in itertools.count(first):
+        started = time.perf_counter()
+        if started >= load.stop_at:
+            return
+        body = bodies[i % len(bodies)]
+        try:
+            ok = (await http.post("/score", content=body.data)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        load.samples.append(Sample(started, time.perf_counter(), body, ok))
+        load.answered(client)
+        if not ok:
+            await asyncio.sleep(0.05)
+
+
+async def run_load(url: str, bodies: Sequence[Body], opts: Options) -> dict[str, Any]:
+    """`concurrency` clients on one connection pool, measured over a window of `seconds`.
+
+    The window opens after the warm-up, and not before every client has had a response (at
+    most `max_settle` later): a window that opens while the first requests are still queued
+    would measure the ramp-up, not the steady state.
+    """
+    load = _Load(unanswered=set(range(opts.concurrency)))
+    async with new_client(url, opts.concurrency + 1) as http:  # +1: /metrics gets its own
+        await scrape(http)  # opens that connection before the load
+        started = time.perf_counter()
+        spread = max(1, len(bodies) // opts.concurrency)  # each client starts elsewhere
+        tasks = [asyncio.create_task(_client(http, bodies, c, c * spread, load))
+                 for c in range(opts.concurrency)]
+        await asyncio.sleep(opts.warmup)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(load.settled.wait(), opts.max_settle)
+        window_start = time.perf_counter()
+        load.stop_at = window_end = window_start + opts.seconds
+        before = asyncio.create_task(scrape(http))  # a blocked server answers it late: no wait
+        await asyncio.sleep(opts.seconds)
+        after = await scrape(http)
+        await asyncio.gather(*tasks)
+        result = summarize(load.samples, window_start, window_end, await before, after)
+    return {**result, "warmup_s": window_start - started}
+
+
+def summarize(samples: Sequence[Sample], start: float, end: float, before: dict[str, float],
+              after: dict[str, float]) -> dict[str, Any]:
+    """Throughput, latency and padding of the window [start, end].
+
+    Tokens/s counts each successful request's tokens in proportion to the part of its lifetime
+    inside the window: with latencies of seconds, counting only the requests that complete in
+    the window would swing with the few that happen to finish inside it.
+    """
+    ok = [s for s in samples if s.ok]
+    done = [s for s in ok if start <= s.end <= end]
+    latencies = np.array([s.end - s.start for s in done] or [np.nan]) * 1000
+    tokens = after.get("tokenrm_tokens_total", 0) - before.get("tokenrm_tokens_total", 0)
+    padded = (after.get("tokenrm_padded_tokens_total", 0)
+              - before.get("tokenrm_padded_tokens_total", 0))
+    elapsed = end - start
+    return {"tokens_per_s": sum(s.body.tokens * s.share_in(start, end) for s in ok) / elapsed,
+            "completed_tokens_per_s": sum(s.body.tokens for s in done) / elapsed,
+            "requests_per_s": len(done) / elapsed,
+            "errors": sum(not s.ok and start <= s.end <= end for s in samples),
+            "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)),
+            "padding_ratio": padded / tokens if tokens else None,
+            "request_padding_ratio": sum(s.body.padded for s in done)
+            / max(1, sum(s.body.tokens for s in done))}
+
+
+async def sequential_latency(url: str, bodies: Sequence[Body], n: int) -> float:
+    """p50 (ms) of `n` single-item requests sent one after another, after a short warm-up."""
+    latencies = []
+    async with new_client(url, 1) as http:
+        for i in range(-5, n):
+            started = time.perf_counter()
+            (await http.post("/score", content=bodies[i % len(bodies)].data)).raise_for_status()
+            if i >= 0:
+                latencies.append(time.perf_counter() - started)
+    return float(np.percentile(latencies, 50) * 1000)
+
+
+async def post_rewards(url: str, body: Body) -> list[np.ndarray]:
+    async with new_client(url, 1) as http:
+        response = await http.post("/score", content=body.data)
+        response.raise_for_status()
+    return [np.asarray(r["rewards"], dtype=np.float32) for r in response.json()["results"]]
+
+
+# ---------------------------------------------------------------- in-process
+
+
+def raw_throughput(model: RewardModel, rows: Sequence[Row], settings: Settings,
+                   opts: Options) -> dict[str, Any]:
+    """Real tokens/s of model.score over batches chosen by pick_batch from a queue as deep as
+    the HTTP load keeps the server's (concurrency x items per request), refilled in order."""
+    feed = itertools.cycle(rows)
+    waiting = [next(feed) for _ in range(opts.concurrency * opts.items_per_request)]
+
+    def step() -> list[Row]:
+        chosen = set(pick_batch([len(ids) for ids, _ in waiting], settings.max_batch_tokens,
+                                settings.max_batch_size))
+        batch = [r for i, r in enumerate(waiting) if i in chosen]
+        waiting[:] = [r for i, r in enumerate(waiting) if i not in chosen]
+        waiting.extend(next(feed) for _ in chosen)
+        model.score(batch)
+        return batch
+
+    _repeat_for(opts.warmup, step)
+    batches, elapsed = _repeat_for(opts.seconds, step)
+    tokens = sum(len(ids) for b in batches for ids, _ in b)
+    padded = sum(padded_tokens([len(ids) for ids, _ in b]) for b in batches)
+    return {"tokens_per_s": tokens / elapsed, "padding_ratio": padded / tokens,
+            "batches": len(batches), "mean_batch_rows": sum(map(len, batches)) / len(batches)}
+
+
+def _repeat_for(seconds: float, fn: Callable[[], Any]) -> tuple[list[Any], float]:
+    """Call `fn` until `seconds` have passed (at least once); its results and the time taken."""
+    results: list[Any] = []
+    started = time.perf_counter()
+    while not results or time.perf_counter() - started < seconds:
+        results.append(fn())
+    return results, time.perf_counter() - started
+
+
+def forward_p50_ms(model: RewardModel, rows: Sequence[Row], n: int) -> float:
+    """p50 of one in-process forward of one item."""
+    times = []
+    for i in range(-5, n):
+        started = time.perf_counter()
+        model.score([rows[i % len(rows)]])
+        if i >= 0:
+            times.append(time.perf_counter() - started)
+    return float(np.percentile(times, 50) * 1000)
+
+
+def matmul_gflops(seconds: float, size: int = 2048) -> float:
+    """fp32 GFLOP/s of torch.matmul on size x size matrices, timed after a warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        torch.matmul(a, b)
+    calls, elapsed = _repeat_for(seconds, lambda: torch.matmul(a, b))
+    return 2 * size**3 * len(calls) / elapsed / 1e9
+
+
+# ---------------------------------------------------------------- one run
+
+
+def resolve_model(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    from tokenrm.training.demo import demo_checkpoint
+
+    return demo_checkpoint()
+
+
+def measure_mix(mix: Mix, vocab_size: int, model: RewardModel, urls: dict[str, str],
+                settings: Settings, opts: Options) -> dict[str, Any]:
+    rows = make_rows(mix, vocab_size, POOL_REQUESTS * opts.items_per_request, opts.seed)
+    bodies = to_bodies(rows, opts.items_per_request)
+    print(f"[{mix.name}] raw ...", flush=True)
+    result: dict[str, Any] = {"range": [mix.lo, mix.hi], "note": mix.note,
+                              "raw": raw_throughput(model, rows, settings, opts)}
+    for name, url in urls.items():
+        print(f"[{mix.name}] {name} ...", flush=True)
+        result[name] = asyncio.run(run_load(url, bodies, opts))
+    return result
+
+
+def measure_latency(mix: Mix, vocab_size: int, model: RewardModel, url: str,
+                    opts: Options) -> dict[str, Any]:
+    rows = make_rows(mix, vocab_size, opts.latency_requests, opts.seed + 1)
+    print(f"[latency] {opts.latency_requests} sequential single-item requests ...", flush=True)
+    p50 = asyncio.run(sequential_latency(url, to_bodies(rows, 1), opts.latency_requests))
+    forward = forward_p50_ms(model, rows, opts.latency_requests)
+    floor = 1.3 * forward + 5.0
+    return {"mix": mix.name, "requests": opts.latency_requests, "p50_ms": p50,
+            "forward_p50_ms": forward, "floor_ms": floor, "met": p50 <= floor}
+
+
+def check_agreement(mix: Mix, vocab_size: int, model: RewardModel, urls: dict[str, str],
+                    opts: Options) -> float:
+    """Max |reward difference| between each server and the in-process forward on one request."""
+    rows = make_rows(mix, vocab_size, opts.items_per_request, opts.seed + 2)
+    expected = model.score(rows)
+    worst = 0.0
+    for url in urls.values():
+        got = asyncio.run(post_rewards(url, to_bodies(rows, len(rows))[0]))
+        worst = max(worst, *(float(np.abs(g - e).max()) for g, e in zip(got, expected,
+                                                                         strict=True)))
+    return worst
+
+
+def add_ratios(mixes: dict[str, dict[str, Any]], ceiling_tok_s: float) -> None:
+    """server/raw, server/naive, the share of the ceiling and the floors, per mix."""
+    for name, m in mixes.items():
+        server, raw, naive = (m[k]["tokens_per_s"] for k in ("server", "raw", "naive"))
+        naive_factor = 1.5 if name == LATENCY_MIX else 1.0
+        padding = m["server"]["padding_ratio"]
+        m["server_over_raw"] = server / raw if raw else None
+        m["server_over_naive"] = server / naive if naive else None
+        m["ceiling_fraction"] = server / ceiling_tok_s
+        m["floors"] = {"server_ge_0.8_raw": server >= 0.8 * raw,
+                       f"server_ge_{naive_factor:g}_naive": server >= naive_factor * naive,
+                       "padding_le_1.2": padding is not None and padding <= 1.2}
+
+
+def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
+    path = resolve_model(args.model)
+    settings = Settings(model=path)
+    model = load_model(settings)
+    with ExitStack() as stack:
+        print("starting the servers ...", flush=True)
+        urls = {"server": stack.enter_context(running(
+                    "tokenrm serve", tokenrm_command(path), "/readyz")),
+                "naive": stack.enter_context(running(
+                    "naive server", naive_command(path), "/healthz"))}
+        vocab_size, max_len = served_limits(urls["server"])
+        mixes = plan_mixes(max_len)
+        agreement = check_agreement(mixes[-1], vocab_size, model, urls, opts)
+        per_mix = {m.name: measure_mix(m, vocab_size, model, urls, settings, opts)
+                   for m in mixes}
+        latency_mix = next(m for m in mixes if m.name == LATENCY_MIX)
+        latency = measure_latency(latency_mix, vocab_size, model, urls["server"], opts)
+    print("[ceiling] matmul ...", flush=True)
+    ceiling = measure_ceiling(model, opts)
+    add_ratios(per_mix, ceiling["tokens_per_s"])
+    return {"config": {**asdict(opts), "model": str(path), "max_len": max_len,
+                       "vocab_size": vocab_size, "prompt_len": PROMPT_LEN,
+                       "max_batch_tokens": settings.max_batch_tokens,
+                       "max_batch_size": settings.max_batch_size,
+                       "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+            "notes": [m.note for m in mixes if m.note], "agreement_max_abs_diff": agreement,
+            "mixes": per_mix, "latency": latency, "ceiling": ceiling}
+
+
+def served_limits(url: str) -> tuple[int, int]:
+    """The vocabulary size and the prompt + response length limit, from GET /v1/model."""
+    info = httpx.get(f"{url}/v1/model", timeout=10).raise_for_status().json()
+    return int(info["vocab_size"]), int(info["max_len"])
+
+
+def measure_ceiling(model: RewardModel, opts: Options) -> dict[str, float]:
+    """Tokens/s the hardware allows at 2 FLOPs per parameter per token, at matmul speed."""
+    params = sum(p.numel() for p in model.model.parameters())
+    gflops = matmul_gflops(opts.matmul_seconds)
+    return {"matmul_gflops": gflops, "params": params,
+            "tokens_per_s": gflops * 1e9 / (2 * params)}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _num(x: float | None, fmt: str = ",.0f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def render(result: dict[str, Any]) -> str:
+    """The markdown report: the setup, the two tables and the latency and ceiling lines."""
+    lines = [*_setup(result), "", *_main_table(result["mixes"]), "",
+             *_detail_table(result["mixes"]), "", *_footer(result)]
+    return "\n".join(lines) + "\n"
+
+
+def _setup(result: dict[str, Any]) -> list[str]:
+    c = result["config"]
+    return [
+        "# tokenrm HTTP benchmark" + (" (quick)" if c["quick"] else ""), "",
+        f"model `{c['model']}` ({result['ceiling']['params']:,} params, max_len {c['max_len']}, "
+        f"vocab {c['vocab_size']}); items: {c['prompt_len']} prompt tokens + a uniform response "
+        f"length; {c['concurrency']} clients x {c['items_per_request']} items/request; "
+        f"{c['seconds']:g} s per measurement after a warm-up of >= {c['warmup']:g} s (until "
+        f"every client had a response); seed {c['seed']}; torch threads {c['torch_threads']}, "
+        f"{c['cpus']} CPUs; engine batches <= {c['max_batch_tokens']} padded tokens, "
+        f"<= {c['max_batch_size']} rows.",
+        *(f"- note: {n}" for n in result["notes"]),
+    ]
+
+
+def _main_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| mix | raw tok/s | server tok/s | naive tok/s | server/raw | server/naive "
+             "| padding | server >= 0.8 x raw | server >= naive (1.5 x on 8-32) "
+             "| padding <= 1.2 |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for name, m in mixes.items():
+        label = name if m["note"] is None else f"{name} (as {m['range'][0]}-{m['range'][1]})"
+        cells = [label, _num(m["raw"]["tokens_per_s"]), _num(m["server"]["tokens_per_s"]),
+                 _num(m["naive"]["tokens_per_s"]), _num(m["server_over_raw"], ".2f"),
+                 _num(m["server_over_naive"], ".2f"), _num(m["server"]["padding_ratio"], ".3f"),
+                 *(_met(ok) for ok in m["floors"].values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _detail_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| mix | server req/s | server p50 / p99 ms | naive req/s | naive p50 / p99 ms "
+             "| raw padding | naive padding | errors server, naive | warm-up s server, naive "
+             "| server / ceiling |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in mixes.items():
+        s, n = m["server"], m["naive"]
+        cells = [name, f"{s['requests_per_s']:.1f}", f"{s['p50_ms']:.0f} / {s['p99_ms']:.0f}",
+                 f"{n['requests_per_s']:.1f}", f"{n['p50_ms']:.0f} / {n['p99_ms']:.0f}",
+                 f"{m['raw']['padding_ratio']:.3f}", f"{n['request_padding_ratio']:.3f}",
+                 f"{s['errors']}, {n['errors']}", f"{s['warmup_s']:.1f}, {n['warmup_s']:.1f}",
+                 f"{m['ceiling_fraction']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _footer(result: dict[str, Any]) -> list[str]:
+    lat, ceil = result["latency"], result["ceiling"]
+    shares = ", ".join(f"{k} {m['ceiling_fraction']:.1%}" for k, m in result["mixes"].items())
+    return [
+        f"- latency at concurrency 1 (mix {lat['mix']}, {lat['requests']} single-item "
+        f"requests): p50 {lat['p50_ms']:.2f} ms; in-process forward p50 "
+        f"{lat['forward_p50_ms']:.2f} ms; floor 1.3 x forward + 5 ms = {lat['floor_ms']:.2f} ms: "
+        f"{_met(lat['met'])}",
+        f"- ceiling: fp32 matmul (2048x2048) {ceil['matmul_gflops']:.1f} GFLOP/s / "
+        f"(2 x {ceil['params']:,} params) = {ceil['tokens_per_s']:,.0f} tok/s; server share: "
+        + shares,
+        "- tok/s: prompt + response tokens; a request's tokens count in proportion to the part "
+        "of its lifetime inside the window. padding: padded / real tokens from the server's "
+        "/metrics over the window; naive: each request padded alone; raw: the same batching "
+        "in process.",
+        f"- rewards: servers vs in-process forward, max |diff| "
+        f"{result['agreement_max_abs_diff']:.2e}",
+    ]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--seconds", type=float, help="measured seconds per load (15; quick: 3)")
+    p.add_argument("--warmup", type=float, help="seconds before each window (2; quick: 0.5)")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent clients")
+    p.add_argument("--items-per-request", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: short windows, 30 latency requests")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for http.json/.md")
+    return p.parse_args()
+
+
+def options(args: argparse.Namespace) -> Options:
+    def pick(value: float | None, full: float, quick: float) -> float:
+        return value if value is not None else (quick if args.quick else full)
+
+    return Options(seconds=pick(args.seconds, 15.0, 3.0), warmup=pick(args.warmup, 2.0, 0.5),
+                   concurrency=args.concurrency, items_per_request=args.items_per_request,
+                   seed=args.seed, latency_requests=30 if args.quick else 200,
+                   matmul_seconds=0.5 if args.quick else 2.0,
+                   max_settle=5.0 if args.quick else 60.0, quick=args.quick)
+
+
+def main() -> None:
+    args = parse_args()
+    result = run(args, options(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "http.json").write_text(json.dumps(result, indent=2) + "\n")
+    report = render(result)
+    (args.out / "http.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
