@@ -186,6 +186,18 @@ def test_call_exactly_filling_the_queue_is_accepted() -> None:
     asyncio.run(main())
 
 
+
+async def release_and_check_skipped(engine: ScoringEngine, model: FakeModel,
+                                    first: asyncio.Future, dropped: list[Row]) -> None:
+    """Free the worker; a later call is served and the dropped rows never reach the model."""
+    model.release()
+    await first
+    after = [make_row(3, 5)]
+    assert_rewards(await engine.score(after, timeout_s=10), after)
+    scored = set(model.scored_ids())
+    assert tuple(after[0].input_ids) in scored
+    assert not {tuple(r.input_ids) for r in dropped} & scored
+
 def test_deadline_passed_while_queued_raises_and_rows_are_never_computed() -> None:
     async def main() -> None:
         model = FakeModel(held=True)
@@ -194,13 +206,7 @@ def test_deadline_passed_while_queued_raises_and_rows_are_never_computed() -> No
             first = await hold_worker(engine, model)
             with pytest.raises(DeadlineExceeded):
                 await engine.score(late, timeout_s=0.02)
-            model.release()
-            await first
-            after = [make_row(3, 5)]
-            assert_rewards(await engine.score(after, timeout_s=10), after)
-        scored = model.scored_ids()
-        assert tuple(after[0].input_ids) in scored
-        assert not {tuple(r.input_ids) for r in late} & set(scored)
+            await release_and_check_skipped(engine, model, first, late)
 
     asyncio.run(main())
 
@@ -216,13 +222,7 @@ def test_cancelled_caller_rows_are_skipped() -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            model.release()
-            await first
-            after = [make_row(3, 5)]
-            assert_rewards(await engine.score(after, timeout_s=10), after)
-        scored = model.scored_ids()
-        assert tuple(after[0].input_ids) in scored
-        assert not {tuple(r.input_ids) for r in gone} & set(scored)
+            await release_and_check_skipped(engine, model, first, gone)
 
     asyncio.run(main())
 
