@@ -104,15 +104,16 @@ class ScoringEngine:
         DeadlineExceeded; nothing is computed for a caller that has gone away."""
         if not self._accepting:
             raise Unavailable("not accepting work (starting or draining)", retry_after_s=1.0)
-        if self.queued + len(rows) > self.limits.max_queue_items:
+        queued = self.queued
+        if queued + len(rows) > self.limits.max_queue_items:
             self.metrics.refused.inc()
-            raise Overloaded(f"queue full ({self.queued} items waiting, limit "
+            raise Overloaded(f"queue full ({queued} items waiting, limit "
                              f"{self.limits.max_queue_items})", retry_after_s=self.retry_after_s())
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         waiting = [_Waiting(r, loop.create_future(), deadline) for r in rows]
         self._waiting.extend(waiting)
-        self.metrics.queue_depth.set(self.queued)
+        self.metrics.queue_depth.set(len(self._waiting))
         self._wake.set()
         futures = [w.future for w in waiting]
         try:
