@@ -41,3 +41,14 @@ def test_the_key_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert demo.recipe_key(dataclasses.replace(PRESETS["demo"], lr=0.5)) != key
     monkeypatch.setattr(demo, "RECIPE", demo.RECIPE + "-next")
     assert demo.recipe_key(PRESETS["demo"]) != key
+
+
+def test_a_weak_build_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    with caplog.at_level("WARNING", logger="tokenrm.training.demo"):
+        monkeypatch.setattr(demo, "WARN_BELOW_PAIRWISE", -1.0)  # nothing is below: quiet
+        demo.build_checkpoint(tmp_path / "a", PRESETS["tiny"], progress=False)
+        assert "trained poorly" not in caplog.text
+        monkeypatch.setattr(demo, "WARN_BELOW_PAIRWISE", 1.01)  # nothing reaches it: a warning
+        demo.build_checkpoint(tmp_path / "b", PRESETS["tiny"], progress=False)
+    assert "trained poorly" in caplog.text
