@@ -1,4 +1,4 @@
-# tokenrm: the token-level reward model server (HTTP 8000, gRPC 50051).
+# tokenrm: the token-level reward model server (HTTP 8000; 50051 is reserved for gRPC).
 #
 #   docker build -t tokenrm .                          # CPU torch, demo model built into the image
 #   docker build -t tokenrm --build-arg BUILD_DEMO=0 .  # no demo model: mount your own checkpoint
@@ -8,8 +8,8 @@
 # Your own checkpoint: mount the Hugging Face directory (config.json, model.safetensors, tokenizer
 # files) read-only at /models/rm and set TOKENRM_MODEL=/models/rm. With TOKENRM_MODEL unset the
 # server serves the demo model from TOKENRM_CACHE_DIR (/opt/tokenrm/cache): built into the image
-# when BUILD_DEMO=1, otherwise trained there on first start (minutes to tens of minutes on a CPU;
-# mount a volume at /opt/tokenrm/cache to keep it).
+# when BUILD_DEMO=1, otherwise trained there on first start (3-4 minutes on 2 CPU cores; mount a
+# volume at /opt/tokenrm/cache to keep it).
 #
 # CUDA: the CUDA wheels of torch bring their own CUDA libraries, so the slim base is enough:
 #   docker build -t tokenrm:cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
