@@ -64,8 +64,10 @@ def create_app(settings: Settings, model: RewardModel | None = None) -> FastAPI:
                      loaded.info.kind, loaded.info.max_len)
             yield
 
+    # With API keys, no route but /healthz is public: the schema and docs pages go too.
     app = FastAPI(title="tokenrm", version="0.1.0", lifespan=lifespan,
-                  description="Per-token rewards from a token-level reward model.")
+                  description="Per-token rewards from a token-level reward model.",
+                  openapi_url=None if settings.api_keys else "/openapi.json")
     add_http_api(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -159,11 +159,17 @@ def test_api_keys_guard_every_route_but_healthz(tiny_checkpoint: Path) -> None:
     settings = Settings(model=tiny_checkpoint, api_keys=("k1", "k2"))
     with TestClient(create_app(settings)) as c:
         assert c.get("/healthz").status_code == 200
-        for method, path in (("get", "/readyz"), ("get", "/v1/model"), ("get", "/metrics"),
-                             ("post", "/score")):
+        # Every route the app documents when it has no keys: a new route cannot slip through.
+        schema = create_app(Settings(model=tiny_checkpoint)).openapi()
+        routes = [(method, path) for path, ops in schema["paths"].items() for method in ops
+                  if path != "/healthz"]
+        assert {p for _, p in routes} >= {"/readyz", "/v1/model", "/metrics", "/score"}
+        for method, path in routes:
             for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "k1"}):
                 r = c.request(method, path, headers=headers, json={"items": [TEXT]})
                 assert r.status_code == 401, (path, headers)
                 assert r.json()["error"]["code"] == "unauthenticated"
         good = {"authorization": "Bearer k2"}
         assert c.post("/score", json={"items": [TEXT]}, headers=good).status_code == 200
+        for public_by_default in ("/openapi.json", "/docs", "/redoc"):
+            assert c.get(public_by_default).status_code == 404
