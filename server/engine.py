@@ -90,10 +90,6 @@ class ScoringEngine:
         self._waiting = [w for w in self._waiting if not w.future.done()]
         return len(self._waiting)
 
-    def stop_accepting(self) -> None:
-        """Drain: refuse new work, finish what is queued."""
-        self._accepting = False
-
     def retry_after_s(self) -> float:
         """A hint for refused callers: about how long the queue takes to empty."""
         batches = max(1.0, self.queued / self.limits.max_batch_size)
@@ -103,7 +99,7 @@ class ScoringEngine:
         """Rewards for each row's response tokens, in order. Raises Overloaded, Unavailable,
         DeadlineExceeded; nothing is computed for a caller that has gone away."""
         if not self._accepting:
-            raise Unavailable("not accepting work (starting or draining)", retry_after_s=1.0)
+            raise Unavailable("not accepting work (starting or shutting down)", retry_after_s=1.0)
         queued = self.queued
         if queued + len(rows) > self.limits.max_queue_items:
             self.metrics.refused.inc()

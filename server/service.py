@@ -103,10 +103,11 @@ class RewardService:
 
     def _check_ids(self, index: int, field: str, ids: list[int]) -> None:
         vocab = self.model.info.vocab_size
-        for j, t in enumerate(ids):
-            if not 0 <= t < vocab:
-                raise InvalidInput(f"items[{index}].{field}[{j}]: token id {t} is outside the "
-                                   f"vocabulary [0, {vocab})", item=index, field=field)
+        if not ids or (min(ids) >= 0 and max(ids) < vocab):  # the common case, in C
+            return
+        j, t = next((j, t) for j, t in enumerate(ids) if not 0 <= t < vocab)
+        raise InvalidInput(f"items[{index}].{field}[{j}]: token id {t} is outside the "
+                           f"vocabulary [0, {vocab})", item=index, field=field)
 
     def _result(self, item: ScoreItem, p: _Prepared, rewards: np.ndarray,
                 return_tokens: bool) -> ItemScore:

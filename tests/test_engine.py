@@ -1,4 +1,4 @@
-"""The ScoringEngine with a fake model: order, batching, back-pressure, deadlines, drain."""
+"""The ScoringEngine with a fake model: order, batching, back-pressure, deadlines, shutdown."""
 
 from __future__ import annotations
 
@@ -272,26 +272,6 @@ def test_score_before_start_and_after_exit_raises_unavailable() -> None:
             await engine.score([make_row(3, 3)], timeout_s=5)
         assert exc.value.retry_after_s is not None and exc.value.retry_after_s > 0
         assert model.scored_ids() == [tuple(make_row(2, 3).input_ids)]
-
-    asyncio.run(main())
-
-
-def test_stop_accepting_refuses_new_calls_but_finishes_queued_work() -> None:
-    async def main() -> None:
-        model = FakeModel(held=True)
-        queued_rows = [make_row(1, 4), make_row(2, 7)]
-        async with make_engine(model) as engine:
-            first = await hold_worker(engine, model)
-            queued = asyncio.create_task(engine.score(queued_rows, timeout_s=10))
-            await until(lambda: engine.queued == 2)
-            engine.stop_accepting()
-            assert not engine.ready
-            with pytest.raises(Unavailable):
-                await engine.score([make_row(3, 4)], timeout_s=10)
-            model.release()
-            assert_rewards(await first, [make_row(999, 4)])
-            assert_rewards(await queued, queued_rows)
-        assert (3000, 3001, 3002, 3003) not in model.scored_ids()
 
     asyncio.run(main())
 
