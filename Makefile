@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 EDITABLE := --config-settings editable_mode=strict
 SOURCES := $(shell find cli client proto server training -name "*.py" -o -name py.typed 2>/dev/null)
 
-.PHONY: install serve test lint demo clean
+.PHONY: install serve test lint demo clean proto
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install
 demo: install
 	$(VENV)/bin/tokenrm demo
 
+# Regenerate the gRPC modules in proto/ from proto/tokenrm/v1/reward.proto (a test fails when stale).
+proto: install
+	$(PY) scripts/gen_proto.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
@@ -50,3 +54,4 @@ docker-lint: | $(PY)
 .PHONY: bench
 bench: install
 	$(PY) bench/http_bench.py
+	$(PY) bench/http_bench.py --items-per-request 1

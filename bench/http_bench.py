@@ -24,8 +24,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +36,10 @@ from typing import IO, Any
 import httpx
 import numpy as np
 import torch
+import uvloop
+from wire import Connection, WireError
 
-from tokenrm.server.app import load_model
+from tokenrm.server.app import available_cores, load_model
 from tokenrm.server.batching import padded_tokens, pick_batch
 from tokenrm.server.model import RewardModel
 from tokenrm.server.settings import Settings
@@ -201,19 +205,17 @@ def naive_command(model: Path) -> Callable[[int], list[str]]:
 # ---------------------------------------------------------------- load over HTTP
 
 
-def new_client(url: str, connections: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0,
-                             headers={"content-type": "application/json"})
-
-
-async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
-    """The counters of /metrics (Prometheus text format) by name; none if it has no /metrics."""
-    response = await http.get("/metrics")
-    if response.status_code != 200:
+async def scrape(url: str) -> dict[str, float]:
+    """The counters of /metrics (Prometheus text format) by name; none if it has no /metrics.
+    A new connection each time: an idle one would be closed by the server's keep-alive timeout."""
+    conn = Connection.to(url)
+    try:
+        status, body = await conn.send(conn.request("GET", "/metrics"))
+    finally:
+        conn.close()
+    if status != 200:
         return {}
-    text = response.text
-    found = re.findall(r"^(tokenrm_\w+_total) ([0-9.eE+-]+)$", text, flags=re.MULTILINE)
+    found = re.findall(r"^(tokenrm_\w+_total) ([0-9.eE+-]+)$", body.decode(), flags=re.MULTILINE)
     return {name: float(value) for name, value in found}
 
 
@@ -232,48 +234,50 @@ class _Load:
             self.settled.set()
 
 
-async def _client(http: httpx.AsyncClient, bodies: Sequence[Body], client: int, first: int,
+async def _client(conn: Connection, bodies: Sequence[Body], client: int, first: int,
                   load: _Load) -> None:
-    """Send requests back to back until `load.stop_at`, cycling through the bodies."""
-    for i in itertools.count(first):
-        started = time.perf_counter()
-        if started >= load.stop_at:
-            return
-        body = bodies[i % len(bodies)]
-        try:
-            ok = (await http.post("/score", content=body.data)).status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        load.samples.append(Sample(started, time.perf_counter(), body, ok))
-        load.answered(client)
-        if not ok:
-            await asyncio.sleep(0.05)
+    """Send requests back to back on one connection until `load.stop_at`, cycling through
+    the bodies."""
+    requests = [conn.request("POST", "/score", b.data) for b in bodies]
+    try:
+        for i in itertools.count(first):
+            started = time.perf_counter()
+            if started >= load.stop_at:
+                return
+            try:
+                ok = (await conn.send(requests[i % len(bodies)]))[0] == 200
+            except (OSError, asyncio.IncompleteReadError, WireError):
+                ok = False
+            load.samples.append(Sample(started, time.perf_counter(), bodies[i % len(bodies)], ok))
+            load.answered(client)
+            if not ok:
+                await asyncio.sleep(0.05)
+    finally:
+        conn.close()
 
 
 async def run_load(url: str, bodies: Sequence[Body], opts: Options) -> dict[str, Any]:
-    """`concurrency` clients on one connection pool, measured over a window of `seconds`.
+    """`concurrency` clients, a connection each, measured over a window of `seconds`.
 
     The window opens after the warm-up, and not before every client has had a response (at
     most `max_settle` later): a window that opens while the first requests are still queued
     would measure the ramp-up, not the steady state.
     """
     load = _Load(unanswered=set(range(opts.concurrency)))
-    async with new_client(url, opts.concurrency + 1) as http:  # +1: /metrics gets its own
-        await scrape(http)  # opens that connection before the load
-        started = time.perf_counter()
-        spread = max(1, len(bodies) // opts.concurrency)  # each client starts elsewhere
-        tasks = [asyncio.create_task(_client(http, bodies, c, c * spread, load))
-                 for c in range(opts.concurrency)]
-        await asyncio.sleep(opts.warmup)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(load.settled.wait(), opts.max_settle)
-        window_start = time.perf_counter()
-        load.stop_at = window_end = window_start + opts.seconds
-        before = asyncio.create_task(scrape(http))  # a blocked server answers it late: no wait
-        await asyncio.sleep(opts.seconds)
-        after = await scrape(http)
-        await asyncio.gather(*tasks)
-        result = summarize(load.samples, window_start, window_end, await before, after)
+    started = time.perf_counter()
+    spread = max(1, len(bodies) // opts.concurrency)  # each client starts elsewhere
+    tasks = [asyncio.create_task(_client(Connection.to(url), bodies, c, c * spread, load))
+             for c in range(opts.concurrency)]
+    await asyncio.sleep(opts.warmup)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(load.settled.wait(), opts.max_settle)
+    window_start = time.perf_counter()
+    load.stop_at = window_end = window_start + opts.seconds
+    before = asyncio.create_task(scrape(url))  # a blocked server answers it late: no wait
+    await asyncio.sleep(opts.seconds)
+    after = await scrape(url)
+    await asyncio.gather(*tasks)
+    result = summarize(load.samples, window_start, window_end, await before, after)
     return {**result, "warmup_s": window_start - started}
 
 
@@ -305,20 +309,24 @@ def summarize(samples: Sequence[Sample], start: float, end: float, before: dict[
 
 async def sequential_latency(url: str, bodies: Sequence[Body], n: int) -> float:
     """p50 (ms) of `n` single-item requests sent one after another, after a short warm-up."""
+    conn = Connection.to(url)
+    requests = [conn.request("POST", "/score", b.data) for b in bodies]
     latencies = []
-    async with new_client(url, 1) as http:
-        for i in range(-5, n):
-            started = time.perf_counter()
-            (await http.post("/score", content=bodies[i % len(bodies)].data)).raise_for_status()
-            if i >= 0:
-                latencies.append(time.perf_counter() - started)
+    for i in range(-5, n):
+        started = time.perf_counter()
+        status, body = await conn.send(requests[i % len(bodies)])
+        if status != 200:
+            raise RuntimeError(f"POST /score answered {status}: {body[:500]!r}")
+        if i >= 0:
+            latencies.append(time.perf_counter() - started)
+    conn.close()
     return float(np.percentile(latencies, 50) * 1000)
 
 
-async def post_rewards(url: str, body: Body) -> list[np.ndarray]:
-    async with new_client(url, 1) as http:
-        response = await http.post("/score", content=body.data)
-        response.raise_for_status()
+def post_rewards(url: str, body: Body) -> list[np.ndarray]:
+    response = httpx.post(f"{url}/score", content=body.data, timeout=60,
+                          headers={"content-type": "application/json"})
+    response.raise_for_status()
     return [np.asarray(r["rewards"], dtype=np.float32) for r in response.json()["results"]]
 
 
@@ -328,25 +336,35 @@ async def post_rewards(url: str, body: Body) -> list[np.ndarray]:
 def raw_throughput(model: RewardModel, rows: Sequence[Row], settings: Settings,
                    opts: Options) -> dict[str, Any]:
     """Real tokens/s of model.score over batches chosen by pick_batch from a queue as deep as
-    the HTTP load keeps the server's (concurrency x items per request), refilled in order."""
+    the HTTP load keeps the server's (concurrency x items per request), refilled in order, on
+    as many threads as the server runs forward passes at once."""
     feed = itertools.cycle(rows)
     waiting = [next(feed) for _ in range(opts.concurrency * opts.items_per_request)]
+    lock = threading.Lock()
 
     def step() -> list[Row]:
-        chosen = set(pick_batch([len(ids) for ids, _ in waiting], settings.max_batch_tokens,
-                                settings.max_batch_size))
-        batch = [r for i, r in enumerate(waiting) if i in chosen]
-        waiting[:] = [r for i, r in enumerate(waiting) if i not in chosen]
-        waiting.extend(next(feed) for _ in chosen)
+        with lock:
+            chosen = set(pick_batch([len(ids) for ids, _ in waiting], settings.max_batch_tokens,
+                                    settings.max_batch_size))
+            batch = [r for i, r in enumerate(waiting) if i in chosen]
+            waiting[:] = [r for i, r in enumerate(waiting) if i not in chosen]
+            waiting.extend(next(feed) for _ in chosen)
         model.score(batch)
         return batch
 
-    _repeat_for(opts.warmup, step)
-    batches, elapsed = _repeat_for(opts.seconds, step)
+    workers, _threads = settings.parallelism(available_cores())
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(lambda _: _repeat_for(opts.warmup, step), range(workers)):
+            pass
+        started = time.perf_counter()
+        runs = list(pool.map(lambda _: _repeat_for(opts.seconds, step), range(workers)))
+        elapsed = time.perf_counter() - started
+    batches = [b for done, _ in runs for b in done]
     tokens = sum(len(ids) for b in batches for ids, _ in b)
     padded = sum(padded_tokens([len(ids) for ids, _ in b]) for b in batches)
     return {"tokens_per_s": tokens / elapsed, "padding_ratio": padded / tokens,
-            "batches": len(batches), "mean_batch_rows": sum(map(len, batches)) / len(batches)}
+            "batches": len(batches), "mean_batch_rows": sum(map(len, batches)) / len(batches),
+            "workers": workers}
 
 
 def _repeat_for(seconds: float, fn: Callable[[], Any]) -> tuple[list[Any], float]:
@@ -398,7 +416,7 @@ def measure_mix(mix: Mix, vocab_size: int, model: RewardModel, urls: dict[str, s
                               "raw": raw_throughput(model, rows, settings, opts)}
     for name, url in urls.items():
         print(f"[{mix.name}] {name} ...", flush=True)
-        result[name] = asyncio.run(run_load(url, bodies, opts))
+        result[name] = uvloop.run(run_load(url, bodies, opts))
     return result
 
 
@@ -406,7 +424,7 @@ def measure_latency(mix: Mix, vocab_size: int, model: RewardModel, url: str,
                     opts: Options) -> dict[str, Any]:
     rows = make_rows(mix, vocab_size, opts.latency_requests, opts.seed + 1)
     print(f"[latency] {opts.latency_requests} sequential single-item requests ...", flush=True)
-    p50 = asyncio.run(sequential_latency(url, to_bodies(rows, 1), opts.latency_requests))
+    p50 = uvloop.run(sequential_latency(url, to_bodies(rows, 1), opts.latency_requests))
     forward = forward_p50_ms(model, rows, opts.latency_requests)
     floor = 1.3 * forward + 5.0
     return {"mix": mix.name, "requests": opts.latency_requests, "p50_ms": p50,
@@ -420,7 +438,7 @@ def check_agreement(mix: Mix, vocab_size: int, model: RewardModel, urls: dict[st
     expected = model.score(rows)
     worst = 0.0
     for url in urls.values():
-        got = asyncio.run(post_rewards(url, to_bodies(rows, len(rows))[0]))
+        got = post_rewards(url, to_bodies(rows, len(rows))[0])
         worst = max(worst, *(float(np.abs(g - e).max()) for g, e in zip(got, expected,
                                                                          strict=True)))
     return worst
@@ -457,6 +475,7 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                    for m in mixes}
         latency_mix = next(m for m in mixes if m.name == LATENCY_MIX)
         latency = measure_latency(latency_mix, vocab_size, model, urls["server"], opts)
+    workers, threads = settings.parallelism(available_cores())
     print("[ceiling] matmul ...", flush=True)
     ceiling = measure_ceiling(model, opts)
     add_ratios(per_mix, ceiling["tokens_per_s"])
@@ -464,7 +483,7 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                        "vocab_size": vocab_size, "prompt_len": PROMPT_LEN,
                        "max_batch_tokens": settings.max_batch_tokens,
                        "max_batch_size": settings.max_batch_size,
-                       "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+                       "workers": workers, "torch_threads": threads, "cpus": available_cores()},
             "notes": [m.note for m in mixes if m.note], "agreement_max_abs_diff": agreement,
             "mixes": per_mix, "latency": latency, "ceiling": ceiling}
 
@@ -478,6 +497,7 @@ def served_limits(url: str) -> tuple[int, int]:
 def measure_ceiling(model: RewardModel, opts: Options) -> dict[str, float]:
     """Tokens/s the hardware allows at 2 FLOPs per parameter per token, at matmul speed."""
     params = sum(p.numel() for p in model.model.parameters())
+    torch.set_num_threads(available_cores())  # the hardware's speed, whatever the server uses
     gflops = matmul_gflops(opts.matmul_seconds)
     return {"matmul_gflops": gflops, "params": params,
             "tokens_per_s": gflops * 1e9 / (2 * params)}
@@ -509,9 +529,9 @@ def _setup(result: dict[str, Any]) -> list[str]:
         f"vocab {c['vocab_size']}); items: {c['prompt_len']} prompt tokens + a uniform response "
         f"length; {c['concurrency']} clients x {c['items_per_request']} items/request; "
         f"{c['seconds']:g} s per measurement after a warm-up of >= {c['warmup']:g} s (until "
-        f"every client had a response); seed {c['seed']}; torch threads {c['torch_threads']}, "
-        f"{c['cpus']} CPUs; engine batches <= {c['max_batch_tokens']} padded tokens, "
-        f"<= {c['max_batch_size']} rows.",
+        f"every client had a response); seed {c['seed']}; {c['workers']} forward threads x "
+        f"{c['torch_threads']} torch threads, {c['cpus']} CPUs; engine batches <= "
+        f"{c['max_batch_tokens']} padded tokens, <= {c['max_batch_size']} rows.",
         *(f"- note: {n}" for n in result["notes"]),
     ]
 
@@ -580,7 +600,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: short windows, 30 latency requests")
-    p.add_argument("--out", type=Path, default=RESULTS, help="directory for http.json/.md")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="directory for http.json/.md (http-<N>item.* for N items per request)")
     return p.parse_args()
 
 
@@ -599,9 +620,10 @@ def main() -> None:
     args = parse_args()
     result = run(args, options(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "http" if args.items_per_request == 16 else f"http-{args.items_per_request}item"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     report = render(result)
-    (args.out / "http.md").write_text(report)
+    (args.out / f"{stem}.md").write_text(report)
     print(report)
 
 

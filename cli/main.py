@@ -49,7 +49,8 @@ def _serve(args: argparse.Namespace) -> None:
     from tokenrm.server.model import ModelLoadError
     from tokenrm.server.settings import Settings
 
-    given = {"model": args.model, "host": args.host, "http_port": args.port}
+    given = {"model": args.model, "host": args.host, "http_port": args.port,
+             "grpc_port": args.grpc_port}
     try:
         run(Settings(**{k: v for k, v in given.items() if v is not None}))
     except ModelLoadError as exc:
@@ -103,10 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="a JSONL file of pairs")
     p.set_defaults(run=_eval_rm)
 
-    p = sub.add_parser("serve", help="serve a reward model over HTTP (the demo model by default)")
+    p = sub.add_parser("serve", help="serve a reward model over HTTP and gRPC (the demo model "
+                                     "by default); other settings: TOKENRM_* variables")
     p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; TOKENRM_HOST)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000; TOKENRM_HTTP_PORT)")
+    p.add_argument("--grpc-port", type=int,
+                   help="gRPC port, 0 for none (default 50051; TOKENRM_GRPC_PORT)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("demo", help="build (once) and print the path of the demo model")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from tokenrm.server.auth import KeyChecker
 from tokenrm.server.engine import EngineLimits, ScoringEngine
+from tokenrm.server.grpc_api import grpc_serving
 from tokenrm.server.http_api import add_http_api
 from tokenrm.server.metrics import EngineMetrics
 from tokenrm.server.model import RewardModel
@@ -25,10 +27,17 @@ from tokenrm.server.state import ServerState
 log = logging.getLogger(__name__)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def load_model(settings: Settings) -> RewardModel:
     """The configured checkpoint, or the demo model (built and cached on first use)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    _workers, threads = settings.parallelism(available_cores())
+    torch.set_num_threads(threads)
     if settings.model is not None:
         path = settings.model
     else:
@@ -43,8 +52,9 @@ def load_model(settings: Settings) -> RewardModel:
 async def serving(settings: Settings, model: RewardModel) -> AsyncIterator[ServerState]:
     """The engine and service around a loaded model, for as long as the context lasts."""
     metrics = EngineMetrics()
+    workers, _threads = settings.parallelism(available_cores())
     limits = EngineLimits(settings.max_batch_tokens, settings.max_batch_size,
-                          settings.max_wait_ms, settings.max_queue_items)
+                          settings.max_wait_ms, settings.max_queue_items, workers)
     async with ScoringEngine(model, limits, metrics) as engine:
         max_tokens = min(settings.max_tokens_per_item or model.info.max_len, model.info.max_len)
         service = RewardService(engine, ServiceLimits(
@@ -52,14 +62,20 @@ async def serving(settings: Settings, model: RewardModel) -> AsyncIterator[Serve
         yield ServerState(settings, model, engine, service, metrics, KeyChecker(settings.api_keys))
 
 
-def create_app(settings: Settings, model: RewardModel | None = None) -> FastAPI:
-    """The HTTP app. Nothing loads until the lifespan starts (e.g. `with TestClient(app)`)."""
+def create_app(settings: Settings, model: RewardModel | None = None, *,
+               grpc: bool = False) -> FastAPI:
+    """The HTTP app; with `grpc`, its lifespan also runs the gRPC server on the same engine.
+    Nothing loads until the lifespan starts (e.g. `with TestClient(app)`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
-        async with serving(settings, loaded) as state:
+        async with serving(settings, loaded) as state, AsyncExitStack() as stack:
             app.state.tokenrm = state
+            if grpc:
+                port = await stack.enter_async_context(grpc_serving(state))
+                log.info("gRPC on %s:%d%s", settings.host, port,
+                         " (TLS)" if settings.grpc_tls_cert else "")
             log.info("serving %s (%s rewards, max %d tokens)", loaded.info.name,
                      loaded.info.kind, loaded.info.max_len)
             yield

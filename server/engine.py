@@ -33,12 +33,38 @@ class Row:
     n_response: int
 
 
+class _Request:
+    """One caller's rows and its one future, resolved when its last row is scored."""
+
+    __slots__ = ("future", "remaining", "results")
+
+    def __init__(self, future: asyncio.Future[list[np.ndarray]], n: int) -> None:
+        self.future, self.remaining = future, n
+        self.results: list[np.ndarray] = [np.empty(0, np.float32)] * n
+
+    def deliver(self, index: int, rewards: np.ndarray) -> None:
+        self.results[index] = rewards
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.results)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
 @dataclass
 class _Waiting:
     row: Row
-    future: asyncio.Future[np.ndarray]
+    request: _Request
+    index: int                            # of the row in its request
     deadline: float                       # time.monotonic() after which it is not computed
     queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def gone(self) -> bool:
+        """Its caller has its answer, an error, or went away: nothing to compute."""
+        return self.request.future.done()
 
 
 @dataclass(frozen=True)
@@ -47,6 +73,7 @@ class EngineLimits:
     max_batch_size: int
     max_wait_ms: float
     max_queue_items: int
+    workers: int = 1                      # forward passes at once, each on its own thread
 
 
 class ScoringEngine:
@@ -55,9 +82,11 @@ class ScoringEngine:
     def __init__(self, model: RewardModel, limits: EngineLimits, metrics: EngineMetrics) -> None:
         self.model, self.limits, self.metrics = model, limits, metrics
         self._waiting: list[_Waiting] = []
-        self._running: list[_Waiting] = []  # the batch in the model right now
+        self._running: set[asyncio.Task[None]] = set()  # batches in the model right now
+        self._running_rows: list[_Waiting] = []
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenrm-forward")
+        self._executor = ThreadPoolExecutor(max_workers=limits.workers,
+                                            thread_name_prefix="tokenrm-forward")
         self._loop_task: asyncio.Task[None] | None = None
         self._accepting = False
         self._forward_s_ewma = 0.05       # seconds per batch, for retry hints
@@ -72,11 +101,11 @@ class ScoringEngine:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        for w in self._waiting + self._running:
-            if not w.future.done():
-                w.future.set_exception(Unavailable("the server is shutting down",
-                                                   retry_after_s=1.0))
-        self._waiting, self._running = [], []
+        for task in self._running:
+            task.cancel()
+        for w in self._waiting + self._running_rows:
+            w.request.fail(Unavailable("the server is shutting down", retry_after_s=1.0))
+        self._waiting, self._running_rows = [], []
         # The model may still be in a forward pass: wait for it off the event loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
@@ -84,10 +113,14 @@ class ScoringEngine:
     def ready(self) -> bool:
         return self._accepting
 
+    def stop_accepting(self) -> None:
+        """Refuse new work from now on (Unavailable); queued and running rows still complete."""
+        self._accepting = False
+
     @property
     def queued(self) -> int:
         """Rows waiting whose caller still waits for them."""
-        self._waiting = [w for w in self._waiting if not w.future.done()]
+        self._waiting = [w for w in self._waiting if not w.gone]
         return len(self._waiting)
 
     def retry_after_s(self) -> float:
@@ -99,37 +132,48 @@ class ScoringEngine:
         """Rewards for each row's response tokens, in order. Raises Overloaded, Unavailable,
         DeadlineExceeded; nothing is computed for a caller that has gone away."""
         if not self._accepting:
-            raise Unavailable("not accepting work (starting or shutting down)", retry_after_s=1.0)
+            raise Unavailable("not accepting work (starting, or draining to shut down)",
+                              retry_after_s=1.0)
         queued = self.queued
         if queued + len(rows) > self.limits.max_queue_items:
             self.metrics.refused.inc()
             raise Overloaded(f"queue full ({queued} items waiting, limit "
                              f"{self.limits.max_queue_items})", retry_after_s=self.retry_after_s())
-        loop = asyncio.get_running_loop()
+        request = _Request(asyncio.get_running_loop().create_future(), len(rows))
         deadline = time.monotonic() + timeout_s
-        waiting = [_Waiting(r, loop.create_future(), deadline) for r in rows]
-        self._waiting.extend(waiting)
+        self._waiting.extend(_Waiting(r, request, i, deadline) for i, r in enumerate(rows))
         self.metrics.queue_depth.set(len(self._waiting))
         self._wake.set()
-        futures = [w.future for w in waiting]
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
+            return await asyncio.wait_for(request.future, timeout_s)
         except TimeoutError:
             raise DeadlineExceeded(f"not scored within {timeout_s:g} s") from None
         finally:
-            for f in futures:  # a caller that went away: its rows are skipped
-                f.cancel()
+            request.future.cancel()  # a caller that went away: its rows are skipped
 
     async def _run(self) -> None:
+        free = asyncio.Semaphore(self.limits.workers)
         while True:
+            await free.acquire()
             if not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
             await self._fill_or_wait()
-            self._running = self._take_batch()
-            if self._running:
-                await self._compute(self._running)
-            self._running = []
+            batch = self._take_batch()
+            if not batch:
+                free.release()
+                continue
+            self._running_rows.extend(batch)
+            task = asyncio.create_task(self._compute(batch))
+            self._running.add(task)
+
+            def done(task: asyncio.Task[None], batch: list[_Waiting] = batch) -> None:
+                self._running.discard(task)
+                finished = {id(w) for w in batch}
+                self._running_rows = [w for w in self._running_rows if id(w) not in finished]
+                free.release()
+
+            task.add_done_callback(done)
 
     async def _compute(self, batch: list[_Waiting]) -> None:
         """One forward pass; whatever goes wrong fails this batch's callers, not the loop."""
@@ -144,16 +188,15 @@ class ScoringEngine:
         except Exception as exc:
             log.exception("forward pass failed for a batch of %d rows", len(batch))
             for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(exc)
+                w.request.fail(exc)
             return
         seconds = time.perf_counter() - started
         self._forward_s_ewma = 0.8 * self._forward_s_ewma + 0.2 * seconds
         lengths = [len(w.row.input_ids) for w in batch]
         self.metrics.observe_batch(len(batch), sum(lengths), padded_tokens(lengths), seconds)
         for w, r in zip(batch, rewards, strict=True):
-            if not w.future.done():
-                w.future.set_result(r)
+            if not w.gone:
+                w.request.deliver(w.index, r)
 
     async def _fill_or_wait(self) -> None:
         """Give a batch that is not yet full up to max_wait_ms to fill."""
@@ -168,10 +211,10 @@ class ScoringEngine:
         now = time.monotonic()
         live = []
         for w in self._waiting:
-            if w.future.done():
-                continue  # the caller went away or timed out
+            if w.gone:
+                continue  # the caller went away, timed out or already failed
             if now > w.deadline:
-                w.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                w.request.fail(DeadlineExceeded("deadline passed while queued"))
                 continue
             live.append(w)
         chosen = set(pick_batch([len(w.row.input_ids) for w in live],

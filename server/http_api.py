@@ -41,7 +41,7 @@ def error_response(exc: ScoringError) -> Response:
     return _json({"error": body}, exc.http_status, headers)
 
 
-def _state(request: Request) -> ServerState:
+async def _state(request: Request) -> ServerState:  # async: no thread hop
     state: ServerState = request.app.state.tokenrm
     return state
 
@@ -128,6 +128,7 @@ async def score(request: Request, state: State) -> Response:
     results, tokens = await state.service.score([_item_from_json(i) for i in parsed.items],
                                                 parsed.return_tokens)
     state.metrics.request_seconds.labels("http").observe(time.perf_counter() - started)
+    state.metrics.requests.labels("http", "ok").inc()
     return _json({"model": state.model.info.name,
                   "results": [_result_to_json(r, parsed.return_tokens) for r in results],
                   "usage": {"items": len(results), "tokens": tokens}})

@@ -1,22 +1,70 @@
-"""`tokenrm serve`: run the app under uvicorn until SIGINT or SIGTERM."""
+"""`tokenrm serve`: HTTP (uvicorn) and gRPC in one process, on one engine, until SIGTERM/SIGINT.
+
+The first signal starts a drain: the engine refuses new work (503 / UNAVAILABLE), gRPC health
+turns NOT_SERVING, HTTP stops accepting connections, and in-flight requests get `grace_s` to
+finish. Then the process exits 0.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from tokenrm.server.app import create_app, load_model
 from tokenrm.server.settings import Settings
 
-GRACE_S = 10.0  # in-flight requests get this long to finish on shutdown
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server that also tells the engine and gRPC to drain on the first signal."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self._app.state, "tokenrm", None)
+        loop = self._loop
+        if not self.should_exit and state is not None and loop is not None:
+            # In a signal handler: schedule the drain on the loop, do not run it here.
+            loop.call_soon_threadsafe(lambda: loop.create_task(state.drain()))
+        super().handle_exit(sig, frame)
+
+
+@contextmanager
+def _exit_zero_after_signals() -> Iterator[None]:
+    """uvicorn re-raises the signal it stopped on, under the handler that was there before
+    it started; with this no-op handler a graceful stop ends in exit status 0, not death by
+    SIGTERM."""
+    previous = {sig: signal.signal(sig, lambda *_: None)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run(settings: Settings) -> None:
     """Load the model first, so that a bad checkpoint fails here with its reason, then serve."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, load_model(settings))
+    app = create_app(settings, load_model(settings), grpc=settings.grpc_port != 0)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="info",
-                            timeout_graceful_shutdown=int(GRACE_S), access_log=False)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=math.ceil(settings.grace_s),
+                            access_log=False)
+    with _exit_zero_after_signals():
+        _DrainingServer(config, app).run()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 Span = Annotated[list[StrictInt], Field(min_length=2, max_length=2,
                                         description="[start, end) character offsets")]
 
 
 class Item(BaseModel):
-    """One (prompt, response) to score: as text, or as the exact token ids of the model input."""
+    """One (prompt, response) to score: as text, or as the exact token ids of the model input.
+    Which combinations are valid is the service's rule (both transports share it)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"prompt": "Where does Ana live?", "response": "Ana lives in Lima."},
@@ -25,22 +26,6 @@ class Item(BaseModel):
     spans: list[Span] | None = Field(
         None, description="text items: sorted character spans of your own tokens; each gets "
                           "the sum of the rewards of the RM tokens ending in it")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> Item:
-        text = self.prompt is not None or self.response is not None
-        ids = self.prompt_ids is not None or self.response_ids is not None
-        if text and ids:
-            raise ValueError("give text (prompt, response) or ids (prompt_ids, response_ids), "
-                             "not both")
-        if ids:
-            if self.prompt_ids is None or self.response_ids is None:
-                raise ValueError("an ids item needs both prompt_ids and response_ids")
-            if self.spans is not None:
-                raise ValueError("spans apply to text items only")
-        elif self.prompt is None or self.response is None:
-            raise ValueError("an item needs prompt and response (or prompt_ids and response_ids)")
-        return self
 
 
 class ScoreRequest(BaseModel):

@@ -80,6 +80,7 @@ class RewardService:
         return [self._prepare(i, it) for i, it in enumerate(items)]
 
     def _prepare(self, index: int, item: ScoreItem) -> _Prepared:
+        _check_form(index, item)
         if item.response is not None:
             enc = self.model.encode(item.prompt or "", item.response)
             prompt_ids, response_ids, offsets = enc.prompt_ids, enc.response_ids, enc.offsets
@@ -117,6 +118,27 @@ class RewardService:
             tokens=tokenizer.convert_ids_to_tokens(p.response_ids) if return_tokens else None,
             span_rewards=None if item.spans is None or p.offsets is None
             else span_rewards(p.offsets, rewards, item.spans))
+
+
+def _check_form(index: int, item: ScoreItem) -> None:
+    """Text (prompt and response, spans optional) or ids (prompt_ids and response_ids)."""
+    text = item.prompt is not None or item.response is not None
+    ids = item.prompt_ids is not None or item.response_ids is not None
+    if text and ids:
+        raise InvalidInput(f"items[{index}]: give text (prompt, response) or ids (prompt_ids, "
+                           "response_ids), not both", item=index)
+    if ids:
+        missing = "prompt_ids" if item.prompt_ids is None else "response_ids"
+        if item.prompt_ids is None or item.response_ids is None:
+            raise InvalidInput(f"items[{index}].{missing}: an ids item needs both prompt_ids "
+                               "and response_ids", item=index, field=missing)
+        if item.spans is not None:
+            raise InvalidInput(f"items[{index}].spans: spans apply to text items only",
+                               item=index, field="spans")
+    elif item.prompt is None or item.response is None:
+        missing = "prompt" if item.prompt is None else "response"
+        raise InvalidInput(f"items[{index}].{missing}: an item needs prompt and response (or "
+                           "prompt_ids and response_ids)", item=index, field=missing)
 
 
 def _check_spans(index: int, spans: Sequence[tuple[int, int]], length: int) -> None:

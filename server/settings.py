@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -19,10 +19,26 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(None, description="where the demo model is cached")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container)")
     http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535, description="0: no gRPC server")
+    grpc_max_message_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="gRPC message size limit, received and sent")
+    grpc_tls_cert: Path | None = Field(None, description="PEM certificate chain: gRPC over TLS")
+    grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert")
+    grace_s: float = Field(10.0, ge=0, description="on SIGTERM: how long in-flight work may finish")
 
     device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's choice")
+    workers: int | None = Field(
+        None, ge=1, description="forward passes at once, each on its own thread; unset: 2 on a "
+        "CPU with 2+ cores (the Python between kernels overlaps), 1 on an accelerator")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per forward pass; unset: the cores / workers")
+
+    def parallelism(self, cores: int) -> tuple[int, int]:
+        """(workers, torch threads per worker) for a machine with `cores` CPU cores."""
+        cpu = self.device == "cpu"
+        workers = self.workers or (min(2, cores) if cpu else 1)
+        return workers, self.threads or max(1, cores // workers)
 
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
     max_batch_size: int = Field(64, ge=1, description="sequences per forward pass")
@@ -36,6 +52,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP request body limit")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="comma-separated keys; when set, every route but /healthz needs one")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("grpc_tls_cert and grpc_tls_key go together: give both or neither")
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,13 +22,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Running:
+    url: str                      # http://127.0.0.1:<port>
+    grpc_target: str              # 127.0.0.1:<port>, for grpc channels
+    process: subprocess.Popen[str]
+
+
 @contextmanager
 def serve(model: Path, env: dict[str, str] | None = None, timeout_s: float = 60.0
-          ) -> Iterator[str]:
-    """Start the server, wait until /readyz answers, yield its base URL, then SIGTERM it."""
-    port = free_port()
+          ) -> Iterator[Running]:
+    """Start the server (HTTP and gRPC), wait until /readyz answers, yield where it listens,
+    then SIGTERM it (unless the test already stopped it)."""
+    port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
-           "--port", str(port)]
+           "--port", str(port), "--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -46,7 +55,7 @@ def serve(model: Path, env: dict[str, str] | None = None, timeout_s: float = 60.
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not ready within {timeout_s} s")
             time.sleep(0.2)
-        yield url
+        yield Running(url, f"127.0.0.1:{grpc_port}", proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -105,7 +105,7 @@ BAD = [
      b'{"items": [{"prompt": "a", "response": "abc", "spans": [[0, 2], [1, 3]]}]}', 422, 0,
      "spans", "overlap"),
     ("spans on ids", b'{"items": [{"prompt_ids": [1], "response_ids": [2], "spans": [[0, 1]]}]}',
-     422, 0, None, "text items only"),
+     422, 0, "spans", "text items only"),
 ]
 
 

@@ -140,8 +140,8 @@ def _score(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[
 
 @pytest.fixture(scope="module")
 def server_url(tiny_checkpoint: Path) -> Iterator[str]:
-    with serve(tiny_checkpoint) as url:
-        yield url
+    with serve(tiny_checkpoint) as server:
+        yield server.url
 
 
 def test_score_prints_the_coloured_response_a_table_and_the_total(server_url: str) -> None:

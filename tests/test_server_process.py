@@ -62,7 +62,8 @@ def test_rewards_equal_the_direct_forward_under_concurrent_mixed_load(
                 got[i] = r
         return got
 
-    with serve(tiny_checkpoint, env={"TOKENRM_MAX_WAIT_MS": "20"}) as url:
+    with serve(tiny_checkpoint, env={"TOKENRM_MAX_WAIT_MS": "20"}) as server:
+        url = server.url
         got = asyncio.run(run(url))
         metrics = httpx.get(f"{url}/metrics").text
     for i, want in enumerate(expected):
