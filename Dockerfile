@@ -1,4 +1,4 @@
-# tokenrm: the token-level reward model server (HTTP 8000; 50051 is reserved for gRPC).
+# tokenrm: the token-level reward model server (HTTP 8000, gRPC 50051).
 #
 #   docker build -t tokenrm .                          # CPU torch, demo model built into the image
 #   docker build -t tokenrm --build-arg BUILD_DEMO=0 .  # no demo model: mount your own checkpoint
@@ -82,7 +82,7 @@ ENV TOKENRM_HOST=0.0.0.0 \
 # Numeric, so that runtimes that check for non-root (e.g. runAsNonRoot) can verify it.
 USER 10001:10001
 WORKDIR /home/tokenrm
-# 8000: HTTP (TOKENRM_HTTP_PORT); 50051: gRPC (the gRPC API, next milestone).
+# 8000: HTTP (TOKENRM_HTTP_PORT); 50051: gRPC (TOKENRM_GRPC_PORT).
 EXPOSE 8000 50051
 
 # Ready = model loaded and queue accepting. Slim images have no curl, hence Python. Sends the

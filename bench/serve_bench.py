@@ -1,24 +1,21 @@
-"""HTTP benchmark: `tokenrm serve` beside the raw batched forward and a naive server, in one run.
+"""Serving benchmark: `tokenrm serve` over HTTP and gRPC beside the raw batched forward and a
+naive server, in one run.
 
 Per mix of response lengths it measures real tokens/s of (1) the in-process forward batched the
-way the engine batches, (2) the tokenrm server and (3) bench/naive_server.py under the same load
-of concurrent clients; then latency at concurrency 1 and a ceiling from fp32 matmul speed.
-Writes bench/results/http.json and bench/results/http.md (printed too).
+way the engine batches, (2) the tokenrm server over HTTP, gRPC unary and gRPC streaming, and
+(3) bench/naive_server.py, under the same closed-loop load of concurrent clients; then the
+transports' own cost (requests/s with one-token responses), latency at concurrency 1 and a
+ceiling from fp32 matmul speed. Writes bench/results/serve.json and .md (printed too).
 
-    python bench/http_bench.py [--model DIR] [--seconds 15] [--items-per-request 16] [--quick]
+    python bench/serve_bench.py [--model DIR] [--seconds 15] [--items-per-request 16] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import itertools
 import json
-import math
-import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -29,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,7 +34,7 @@ import httpx
 import numpy as np
 import torch
 import uvloop
-from wire import Connection, WireError
+from load import TRANSPORTS, Body, Row, Target, run_load, sequential_latency, to_bodies
 
 from tokenrm.server.app import available_cores, load_model
 from tokenrm.server.batching import padded_tokens, pick_batch
@@ -49,12 +46,13 @@ RESULTS = HERE / "results"
 NAIVE_SERVER = HERE / "naive_server.py"
 MIXES = {"8-32": (8, 32), "32-128": (32, 128), "16-512": (16, 512)}
 LATENCY_MIX = "8-32"
+LOADS = (("server", "server", "http"), ("grpc", "server", "grpc"),  # (name, server, transport)
+         ("grpc_stream", "server", "grpc-stream"), ("naive", "naive", "http"))
 PROMPT_LEN = 16
 FIRST_ID = 3            # ids below are special tokens (pad, bos, eos)
 POOL_REQUESTS = 64      # distinct request bodies per mix; clients cycle through them
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
-Row = tuple[list[int], int]  # model input ids, number of trailing response tokens
 
 
 @dataclass(frozen=True)
@@ -76,30 +74,6 @@ class Mix:
     lo: int
     hi: int
     note: str | None = None
-
-
-@dataclass(frozen=True)
-class Body:
-    """One pre-encoded POST /score body."""
-
-    data: bytes
-    tokens: int          # prompt + response tokens of all items
-    padded: int          # tokens of its items padded to the longest: one forward per request
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One request as the client saw it."""
-
-    start: float
-    end: float
-    body: Body
-    ok: bool
-
-    def share_in(self, start: float, end: float) -> float:
-        """The part of this request's lifetime inside [start, end]."""
-        overlap = min(self.end, end) - max(self.start, start)
-        return max(0.0, overlap) / max(self.end - self.start, 1e-9)
 
 
 # ---------------------------------------------------------------- workload
@@ -129,18 +103,6 @@ def make_rows(mix: Mix, vocab_size: int, n: int, seed: int) -> list[Row]:
     return rows
 
 
-def to_bodies(rows: Sequence[Row], per_request: int) -> list[Body]:
-    bodies = []
-    for start in range(0, len(rows), per_request):
-        chunk = rows[start:start + per_request]
-        items = [{"prompt_ids": ids[:len(ids) - n], "response_ids": ids[len(ids) - n:]}
-                 for ids, n in chunk]
-        data = json.dumps({"items": items}, separators=(",", ":")).encode()
-        lengths = [len(ids) for ids, _ in chunk]
-        bodies.append(Body(data, sum(lengths), padded_tokens(lengths)))
-    return bodies
-
-
 # ---------------------------------------------------------------- server processes
 
 
@@ -151,13 +113,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(name: str, command: Callable[[int], list[str]], ready_path: str,
-            env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start a server on 127.0.0.1, wait until `ready_path` answers 200, yield its URL, stop it."""
-    port = free_port()
+def running(name: str, command: list[str], port: int, ready_path: str) -> Iterator[str]:
+    """Start a server listening on 127.0.0.1:`port`, wait until `ready_path` answers 200,
+    yield its URL, stop it."""
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(command(port), env={**os.environ, **(env or {})},
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(name, proc, url + ready_path, log)
@@ -192,139 +152,20 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def tokenrm_command(model: Path) -> Callable[[int], list[str]]:
-    return lambda port: [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
-                         "--host", "127.0.0.1", "--port", str(port)]
-
-
-def naive_command(model: Path) -> Callable[[int], list[str]]:
-    return lambda port: [sys.executable, str(NAIVE_SERVER), "--model", str(model),
-                         "--port", str(port)]
-
-
-# ---------------------------------------------------------------- load over HTTP
-
-
-async def scrape(url: str) -> dict[str, float]:
-    """The counters of /metrics (Prometheus text format) by name; none if it has no /metrics.
-    A new connection each time: an idle one would be closed by the server's keep-alive timeout."""
-    conn = Connection.to(url)
-    try:
-        status, body = await conn.send(conn.request("GET", "/metrics"))
-    finally:
-        conn.close()
-    if status != 200:
-        return {}
-    found = re.findall(r"^(tokenrm_\w+_total) ([0-9.eE+-]+)$", body.decode(), flags=re.MULTILINE)
-    return {name: float(value) for name, value in found}
-
-
-@dataclass
-class _Load:
-    """What one load run shares between its clients."""
-
-    unanswered: set[int]                  # clients still waiting for their first response
-    samples: list[Sample] = field(default_factory=list)
-    stop_at: float = math.inf             # no client starts a request after this
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def answered(self, client: int) -> None:
-        self.unanswered.discard(client)
-        if not self.unanswered:
-            self.settled.set()
-
-
-async def _client(conn: Connection, bodies: Sequence[Body], client: int, first: int,
-                  load: _Load) -> None:
-    """Send requests back to back on one connection until `load.stop_at`, cycling through
-    the bodies."""
-    requests = [conn.request("POST", "/score", b.data) for b in bodies]
-    try:
-        for i in itertools.count(first):
-            started = time.perf_counter()
-            if started >= load.stop_at:
-                return
-            try:
-                ok = (await conn.send(requests[i % len(bodies)]))[0] == 200
-            except (OSError, asyncio.IncompleteReadError, WireError):
-                ok = False
-            load.samples.append(Sample(started, time.perf_counter(), bodies[i % len(bodies)], ok))
-            load.answered(client)
-            if not ok:
-                await asyncio.sleep(0.05)
-    finally:
-        conn.close()
-
-
-async def run_load(url: str, bodies: Sequence[Body], opts: Options) -> dict[str, Any]:
-    """`concurrency` clients, a connection each, measured over a window of `seconds`.
-
-    The window opens after the warm-up, and not before every client has had a response (at
-    most `max_settle` later): a window that opens while the first requests are still queued
-    would measure the ramp-up, not the steady state.
-    """
-    load = _Load(unanswered=set(range(opts.concurrency)))
-    started = time.perf_counter()
-    spread = max(1, len(bodies) // opts.concurrency)  # each client starts elsewhere
-    tasks = [asyncio.create_task(_client(Connection.to(url), bodies, c, c * spread, load))
-             for c in range(opts.concurrency)]
-    await asyncio.sleep(opts.warmup)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(load.settled.wait(), opts.max_settle)
-    window_start = time.perf_counter()
-    load.stop_at = window_end = window_start + opts.seconds
-    before = asyncio.create_task(scrape(url))  # a blocked server answers it late: no wait
-    await asyncio.sleep(opts.seconds)
-    after = await scrape(url)
-    await asyncio.gather(*tasks)
-    result = summarize(load.samples, window_start, window_end, await before, after)
-    return {**result, "warmup_s": window_start - started}
-
-
-def summarize(samples: Sequence[Sample], start: float, end: float, before: dict[str, float],
-              after: dict[str, float]) -> dict[str, Any]:
-    """Throughput, latency and padding of the window [start, end].
-
-    Tokens/s counts each successful request's tokens in proportion to the part of its lifetime
-    inside the window: with latencies of seconds, counting only the requests that complete in
-    the window would swing with the few that happen to finish inside it.
-    """
-    ok = [s for s in samples if s.ok]
-    done = [s for s in ok if start <= s.end <= end]
-    latencies = np.array([s.end - s.start for s in done] or [np.nan]) * 1000
-    tokens = after.get("tokenrm_tokens_total", 0) - before.get("tokenrm_tokens_total", 0)
-    padded = (after.get("tokenrm_padded_tokens_total", 0)
-              - before.get("tokenrm_padded_tokens_total", 0))
-    elapsed = end - start
-    return {"tokens_per_s": sum(s.body.tokens * s.share_in(start, end) for s in ok) / elapsed,
-            "completed_tokens_per_s": sum(s.body.tokens for s in done) / elapsed,
-            "requests_per_s": len(done) / elapsed,
-            "errors": sum(not s.ok and start <= s.end <= end for s in samples),
-            "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99)),
-            "padding_ratio": padded / tokens if tokens else None,
-            "request_padding_ratio": sum(s.body.padded for s in done)
-            / max(1, sum(s.body.tokens for s in done))}
-
-
-async def sequential_latency(url: str, bodies: Sequence[Body], n: int) -> float:
-    """p50 (ms) of `n` single-item requests sent one after another, after a short warm-up."""
-    conn = Connection.to(url)
-    requests = [conn.request("POST", "/score", b.data) for b in bodies]
-    latencies = []
-    for i in range(-5, n):
-        started = time.perf_counter()
-        status, body = await conn.send(requests[i % len(bodies)])
-        if status != 200:
-            raise RuntimeError(f"POST /score answered {status}: {body[:500]!r}")
-        if i >= 0:
-            latencies.append(time.perf_counter() - started)
-    conn.close()
-    return float(np.percentile(latencies, 50) * 1000)
+def start_servers(stack: ExitStack, model: Path) -> dict[str, Target]:
+    """`tokenrm serve` (HTTP and gRPC) and the naive server, stopped when `stack` closes."""
+    port, grpc_port, naive_port = free_port(), free_port(), free_port()
+    server = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
+              "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]
+    naive = [sys.executable, str(NAIVE_SERVER), "--model", str(model), "--port", str(naive_port)]
+    return {"server": Target(stack.enter_context(running("tokenrm serve", server, port,
+                                                         "/readyz")), f"127.0.0.1:{grpc_port}"),
+            "naive": Target(stack.enter_context(running("naive server", naive, naive_port,
+                                                        "/healthz")), None)}
 
 
 def post_rewards(url: str, body: Body) -> list[np.ndarray]:
-    response = httpx.post(f"{url}/score", content=body.data, timeout=60,
+    response = httpx.post(f"{url}/score", content=body.json, timeout=60,
                           headers={"content-type": "application/json"})
     response.raise_for_status()
     return [np.asarray(r["rewards"], dtype=np.float32) for r in response.json()["results"]]
@@ -407,17 +248,37 @@ def resolve_model(path: Path | None) -> Path:
     return demo_checkpoint()
 
 
-def measure_mix(mix: Mix, vocab_size: int, model: RewardModel, urls: dict[str, str],
+def load(target: Target, transport: str, bodies: Sequence[Body], opts: Options
+         ) -> dict[str, Any]:
+    return uvloop.run(run_load(target, transport, bodies, opts.concurrency, opts.warmup,
+                               opts.seconds, opts.max_settle))
+
+
+def measure_mix(mix: Mix, vocab_size: int, model: RewardModel, targets: dict[str, Target],
                 settings: Settings, opts: Options) -> dict[str, Any]:
     rows = make_rows(mix, vocab_size, POOL_REQUESTS * opts.items_per_request, opts.seed)
     bodies = to_bodies(rows, opts.items_per_request)
     print(f"[{mix.name}] raw ...", flush=True)
     result: dict[str, Any] = {"range": [mix.lo, mix.hi], "note": mix.note,
                               "raw": raw_throughput(model, rows, settings, opts)}
-    for name, url in urls.items():
+    for name, server, transport in LOADS:
         print(f"[{mix.name}] {name} ...", flush=True)
-        result[name] = uvloop.run(run_load(url, bodies, opts))
+        result[name] = load(targets[server], transport, bodies, opts)
     return result
+
+
+def measure_transports(vocab_size: int, target: Target, opts: Options) -> dict[str, Any]:
+    """Requests/s of single-item requests with one-token responses: what each transport costs
+    when the model costs almost nothing."""
+    rows = make_rows(Mix("1", 1, 1), vocab_size, POOL_REQUESTS, opts.seed + 3)
+    bodies = to_bodies(rows, 1)
+    result = {}
+    for transport in TRANSPORTS:
+        print(f"[transport] {transport} ...", flush=True)
+        result[transport] = load(target, transport, bodies, opts)
+    http, unary, stream = (result[t]["requests_per_s"] for t in TRANSPORTS)
+    return {**result, "grpc_over_http": unary / http, "stream_over_unary": stream / unary,
+            "floors": {"grpc_ge_1.2_http": unary >= 1.2 * http, "stream_ge_unary": stream >= unary}}
 
 
 def measure_latency(mix: Mix, vocab_size: int, model: RewardModel, url: str,
@@ -431,14 +292,14 @@ def measure_latency(mix: Mix, vocab_size: int, model: RewardModel, url: str,
             "forward_p50_ms": forward, "floor_ms": floor, "met": p50 <= floor}
 
 
-def check_agreement(mix: Mix, vocab_size: int, model: RewardModel, urls: dict[str, str],
+def check_agreement(mix: Mix, vocab_size: int, model: RewardModel, targets: dict[str, Target],
                     opts: Options) -> float:
     """Max |reward difference| between each server and the in-process forward on one request."""
     rows = make_rows(mix, vocab_size, opts.items_per_request, opts.seed + 2)
     expected = model.score(rows)
     worst = 0.0
-    for url in urls.values():
-        got = post_rewards(url, to_bodies(rows, len(rows))[0])
+    for target in targets.values():
+        got = post_rewards(target.url, to_bodies(rows, len(rows))[0])
         worst = max(worst, *(float(np.abs(g - e).max()) for g, e in zip(got, expected,
                                                                          strict=True)))
     return worst
@@ -453,9 +314,13 @@ def add_ratios(mixes: dict[str, dict[str, Any]], ceiling_tok_s: float) -> None:
         m["server_over_raw"] = server / raw if raw else None
         m["server_over_naive"] = server / naive if naive else None
         m["ceiling_fraction"] = server / ceiling_tok_s
+        m["grpc_over_http"] = m["grpc"]["tokens_per_s"] / server
+        m["stream_over_http"] = m["grpc_stream"]["tokens_per_s"] / server
         m["floors"] = {"server_ge_0.8_raw": server >= 0.8 * raw,
                        f"server_ge_{naive_factor:g}_naive": server >= naive_factor * naive,
                        "padding_le_1.2": padding is not None and padding <= 1.2}
+        m["grpc_floors"] = {"grpc_ge_0.95_http": m["grpc_over_http"] >= 0.95,
+                            "stream_ge_0.95_http": m["stream_over_http"] >= 0.95}
 
 
 def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
@@ -464,17 +329,15 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
     model = load_model(settings)
     with ExitStack() as stack:
         print("starting the servers ...", flush=True)
-        urls = {"server": stack.enter_context(running(
-                    "tokenrm serve", tokenrm_command(path), "/readyz")),
-                "naive": stack.enter_context(running(
-                    "naive server", naive_command(path), "/healthz"))}
-        vocab_size, max_len = served_limits(urls["server"])
+        targets = start_servers(stack, path)
+        vocab_size, max_len = served_limits(targets["server"].url)
         mixes = plan_mixes(max_len)
-        agreement = check_agreement(mixes[-1], vocab_size, model, urls, opts)
-        per_mix = {m.name: measure_mix(m, vocab_size, model, urls, settings, opts)
+        agreement = check_agreement(mixes[-1], vocab_size, model, targets, opts)
+        per_mix = {m.name: measure_mix(m, vocab_size, model, targets, settings, opts)
                    for m in mixes}
+        transports = measure_transports(vocab_size, targets["server"], opts)
         latency_mix = next(m for m in mixes if m.name == LATENCY_MIX)
-        latency = measure_latency(latency_mix, vocab_size, model, urls["server"], opts)
+        latency = measure_latency(latency_mix, vocab_size, model, targets["server"].url, opts)
     workers, threads = settings.parallelism(available_cores())
     print("[ceiling] matmul ...", flush=True)
     ceiling = measure_ceiling(model, opts)
@@ -485,7 +348,7 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                        "max_batch_size": settings.max_batch_size,
                        "workers": workers, "torch_threads": threads, "cpus": available_cores()},
             "notes": [m.note for m in mixes if m.note], "agreement_max_abs_diff": agreement,
-            "mixes": per_mix, "latency": latency, "ceiling": ceiling}
+            "mixes": per_mix, "transports": transports, "latency": latency, "ceiling": ceiling}
 
 
 def served_limits(url: str) -> tuple[int, int]:
@@ -517,14 +380,15 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
 def render(result: dict[str, Any]) -> str:
     """The markdown report: the setup, the two tables and the latency and ceiling lines."""
     lines = [*_setup(result), "", *_main_table(result["mixes"]), "",
-             *_detail_table(result["mixes"]), "", *_footer(result)]
+             *_detail_table(result["mixes"]), "", *_grpc_table(result["mixes"]), "",
+             *_footer(result)]
     return "\n".join(lines) + "\n"
 
 
 def _setup(result: dict[str, Any]) -> list[str]:
     c = result["config"]
     return [
-        "# tokenrm HTTP benchmark" + (" (quick)" if c["quick"] else ""), "",
+        "# tokenrm serving benchmark" + (" (quick)" if c["quick"] else ""), "",
         f"model `{c['model']}` ({result['ceiling']['params']:,} params, max_len {c['max_len']}, "
         f"vocab {c['vocab_size']}); items: {c['prompt_len']} prompt tokens + a uniform response "
         f"length; {c['concurrency']} clients x {c['items_per_request']} items/request; "
@@ -567,10 +431,32 @@ def _detail_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _grpc_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| mix | HTTP tok/s | gRPC unary tok/s | gRPC stream tok/s | unary/HTTP | stream/HTTP "
+             "| unary p50 / p99 ms | stream p50 / p99 ms | errors unary, stream "
+             "| unary >= 0.95 x HTTP | stream >= 0.95 x HTTP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, m in mixes.items():
+        u, st = m["grpc"], m["grpc_stream"]
+        cells = [name, _num(m["server"]["tokens_per_s"]), _num(u["tokens_per_s"]),
+                 _num(st["tokens_per_s"]), f"{m['grpc_over_http']:.2f}",
+                 f"{m['stream_over_http']:.2f}", f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f}",
+                 f"{st['p50_ms']:.0f} / {st['p99_ms']:.0f}", f"{u['errors']}, {st['errors']}",
+                 *(_met(ok) for ok in m["grpc_floors"].values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _footer(result: dict[str, Any]) -> list[str]:
-    lat, ceil = result["latency"], result["ceiling"]
+    lat, ceil, tr = result["latency"], result["ceiling"], result["transports"]
+    rates = ", ".join(f"{t} {tr[t]['requests_per_s']:,.0f} req/s (p50 {tr[t]['p50_ms']:.1f} ms)"
+                      for t in TRANSPORTS)
     shares = ", ".join(f"{k} {m['ceiling_fraction']:.1%}" for k, m in result["mixes"].items())
     return [
+        f"- transports, single-item requests with one-token responses: {rates}; gRPC unary / "
+        f"HTTP {tr['grpc_over_http']:.2f} (floor 1.2: {_met(tr['floors']['grpc_ge_1.2_http'])}), "
+        f"stream / unary {tr['stream_over_unary']:.2f} (floor 1.0: "
+        f"{_met(tr['floors']['stream_ge_unary'])})",
         f"- latency at concurrency 1 (mix {lat['mix']}, {lat['requests']} single-item "
         f"requests): p50 {lat['p50_ms']:.2f} ms; in-process forward p50 "
         f"{lat['forward_p50_ms']:.2f} ms; floor 1.3 x forward + 5 ms = {lat['floor_ms']:.2f} ms: "
@@ -601,7 +487,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: short windows, 30 latency requests")
     p.add_argument("--out", type=Path, default=RESULTS,
-                   help="directory for http.json/.md (http-<N>item.* for N items per request)")
+                   help="directory for serve.json/.md (serve-<N>item.* for N items per request)")
     return p.parse_args()
 
 
@@ -620,7 +506,7 @@ def main() -> None:
     args = parse_args()
     result = run(args, options(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "http" if args.items_per_request == 16 else f"http-{args.items_per_request}item"
+    stem = "serve" if args.items_per_request == 16 else f"serve-{args.items_per_request}item"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     report = render(result)
     (args.out / f"{stem}.md").write_text(report)
