@@ -69,7 +69,9 @@ class RewardServiceServicer:
     def ScoreStream(self, request_iterator, context):
         """Many requests on one stream, many in flight at once; the answers come back in request order.
         A request that fails is answered with `error` set and the stream goes on; the stream itself
-        ends with a status only for what concerns the whole call (authentication, deadline, shutdown).
+        ends with a status only for what concerns the whole call: authentication, its deadline,
+        shutdown, or a request message over the size limit (gRPC refuses it in transport, and the
+        answers not yet sent are lost with the call: keep requests under max_message_bytes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

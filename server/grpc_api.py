@@ -14,13 +14,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tokenrm.proto import reward_pb2 as pb
-from tokenrm.proto import reward_pb2_grpc as pb_grpc
 from tokenrm.server.auth import KeyChecker
-from tokenrm.server.errors import DeadlineExceeded, ScoringError, Unauthenticated
+from tokenrm.server.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    PayloadTooLarge,
+    ScoringError,
+    Unauthenticated,
+)
 from tokenrm.server.service import ItemScore, ScoreItem
 from tokenrm.server.state import ServerState
 
@@ -92,29 +98,68 @@ async def abort(context: grpc.aio.ServicerContext, exc: ScoringError) -> None:
 # ---------------------------------------------------------------- the servicer
 
 
-class RewardServicer(pb_grpc.RewardServiceServicer):
+class Undecodable:
+    """What a request that is not a valid message decodes to: the servicer refuses it as
+    bad_request (INVALID_ARGUMENT) instead of grpcio answering UNKNOWN."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _decoder(message: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(f"the request is not a valid {message.DESCRIPTOR.full_name} "
+                               f"message: {exc}")
+
+    return decode
+
+
+def _handlers(servicer: RewardServicer) -> grpc.GenericRpcHandler:
+    """The service's method table (what the generated add_..._to_server builds, but with
+    decoders that let the servicer refuse undecodable requests itself)."""
+    def encode(m: Message) -> bytes:
+        return m.SerializeToString()
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score, request_deserializer=_decoder(pb.ScoreRequest),
+            response_serializer=encode),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream, request_deserializer=_decoder(pb.ScoreRequest),
+            response_serializer=encode),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=_decoder(pb.GetModelInfoRequest),
+            response_serializer=encode)})
+
+
+class RewardServicer:
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    async def Score(self, request: pb.ScoreRequest,  # noqa: N802 (the proto's names)
+    async def Score(self, request: pb.ScoreRequest | Undecodable,  # noqa: N802 (proto names)
                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         try:
-            return await self._score(request, context)
+            return await self._score(request, context.time_remaining())
         except ScoringError as exc:
             self.state.metrics.requests.labels("grpc", exc.code).inc()
             await abort(context, exc)
             raise  # not reached: abort raises
 
-    async def ScoreStream(self, requests: AsyncIterator[pb.ScoreRequest],  # noqa: N802
+    async def ScoreStream(self, requests: AsyncIterator[pb.ScoreRequest | Undecodable],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
-        """Each request starts as soon as it is read; answers go out in request order."""
+        """Each request starts as soon as it is read; answers go out in request order. The
+        call's deadline ends the call (gRPC cancels it, and with it the queued work); it is
+        not turned into per-request errors."""
         pending: asyncio.Queue[asyncio.Task[pb.ScoreResponse] | None] = \
             asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for request in requests:
-                    await pending.put(asyncio.create_task(self._answer(request, context)))
+                    await pending.put(asyncio.create_task(self._answer(request)))
             finally:
                 await pending.put(None)
 
@@ -141,31 +186,38 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                              max_message_bytes=s.grpc_max_message_bytes,
                              max_batch_tokens=s.max_batch_tokens))
 
-    async def _answer(self, request: pb.ScoreRequest,
-                      context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def _answer(self, request: pb.ScoreRequest | Undecodable) -> pb.ScoreResponse:
         try:
-            return await self._score(request, context)
+            return await self._score(request, None)
         except ScoringError as exc:
             self.state.metrics.requests.labels("grpc", exc.code).inc()
             return pb.ScoreResponse(model=self.state.model.info.name, error=error_to_proto(exc))
 
-    async def _score(self, request: pb.ScoreRequest,
-                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def _score(self, request: pb.ScoreRequest | Undecodable,
+                     remaining_s: float | None) -> pb.ScoreResponse:
+        """One request; `remaining_s`: the unary caller's deadline (queued work past it is
+        dropped)."""
         started = time.perf_counter()
+        if isinstance(request, Undecodable):
+            raise BadRequest(request.reason)
         timeout_s = self.state.settings.request_timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:  # the caller's deadline: queued work past it is dropped
-            if remaining <= 0:
+        if remaining_s is not None:
+            if remaining_s <= 0:
                 raise DeadlineExceeded("the call's deadline has passed")
-            timeout_s = min(timeout_s, remaining)
+            timeout_s = min(timeout_s, remaining_s)
         items = [item_from_proto(m) for m in request.items]
         results, tokens = await self.state.service.score(items, request.return_tokens, timeout_s)
-        self.state.metrics.requests.labels("grpc", "ok").inc()
-        self.state.metrics.request_seconds.labels("grpc").observe(time.perf_counter() - started)
-        return pb.ScoreResponse(
+        answer = pb.ScoreResponse(
             model=self.state.model.info.name,
             results=[result_to_proto(r, request.return_tokens) for r in results],
             usage=pb.Usage(items=len(results), tokens=tokens))
+        limit = self.state.settings.grpc_max_message_bytes
+        if answer.ByteSize() > limit:
+            raise PayloadTooLarge(f"the answer is {answer.ByteSize()} bytes, over the message "
+                                  f"limit of {limit}: send fewer or shorter items per request")
+        self.state.metrics.requests.labels("grpc", "ok").inc()
+        self.state.metrics.request_seconds.labels("grpc").observe(time.perf_counter() - started)
+        return answer
 
 
 # ---------------------------------------------------------------- API keys
@@ -221,7 +273,7 @@ async def grpc_serving(state: ServerState) -> AsyncIterator[int]:
     server = grpc.aio.server(interceptors=[KeyInterceptor(state.keys)], options=[
         ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0)])  # a port in use is an error, not a silently shared port
-    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(state), server)
+    server.add_generic_rpc_handlers((_handlers(RewardServicer(state)),))
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME,
