@@ -45,7 +45,8 @@ def load_model(settings: Settings) -> RewardModel:
 
         path = demo_checkpoint(settings.cache_dir)
     name = settings.model_name or ("demo-token-rm" if settings.model is None else None)
-    return RewardModel.load(path, name=name, device=settings.device, dtype=settings.dtype)
+    return RewardModel.load(path, name=name, device=settings.device, dtype=settings.dtype,
+                            trace=settings.trace)
 
 
 @asynccontextmanager

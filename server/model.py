@@ -18,9 +18,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tokenrm.server.tracing import traced_logits
 from tokenrm.training.encoding import Encoded, encode
 from tokenrm.training.reward_rule import POS_MINUS_NEG
-from tokenrm.training.scoring import row_rewards
+from tokenrm.training.scoring import Logits, row_rewards
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +43,11 @@ class ModelInfo:
     tokenizer: str
     dtype: str
     device: str
+    traced: bool              # the forward runs as a verified TorchScript trace
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _max_len(config: object, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -57,17 +63,16 @@ class RewardModel:
     """The model, its tokenizer and what clients need to know about them."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 info: ModelInfo) -> None:
+                 info: ModelInfo, logits: Logits | None = None) -> None:
         self.model, self.tokenizer, self.info = model, tokenizer, info
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        if info.kind == "sequence":
-            # HF pools a sequence head at the last token that is not the config's pad id.
-            model.config.pad_token_id = self._pad_id
+        self._logits = logits     # None: the eager forward
+        self._pad_id = pad_id(tokenizer)
 
     @classmethod
     def load(cls, path: Path, name: str | None = None, device: str = "cpu",
-             dtype: str = "float32") -> RewardModel:
-        """Load a token- or sequence-classification checkpoint directory; fail loudly."""
+             dtype: str = "float32", trace: bool = True) -> RewardModel:
+        """Load a token- or sequence-classification checkpoint directory; fail loudly. With
+        `trace`, the forward runs as a TorchScript trace if it reproduces the eager model."""
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a checkpoint directory (no config.json)")
         try:
@@ -83,20 +88,24 @@ class RewardModel:
         num_labels = model.config.num_labels
         if num_labels not in RULES:
             raise ModelLoadError(f"{path}: a reward head has 1, 2 or 3 labels, not {num_labels}")
+        if sequence:  # HF pools a sequence head at the last token that is not the pad id
+            model.config.pad_token_id = pad_id(tokenizer)
+        vocab_size = model.get_input_embeddings().num_embeddings
+        logits = traced_logits(model, pad_id(tokenizer), vocab_size) if trace else None
         info = ModelInfo(
             name=name or path.name, kind="sequence" if sequence else "token",
             labels=tuple(str(model.config.id2label[i]) for i in range(num_labels)),
             reward_rule=RULES[num_labels], max_len=_max_len(model.config, tokenizer),
-            vocab_size=model.get_input_embeddings().num_embeddings,
-            tokenizer=type(tokenizer).__name__, dtype=dtype, device=device)
-        return cls(model, tokenizer, info)
+            vocab_size=vocab_size, tokenizer=type(tokenizer).__name__, dtype=dtype,
+            device=device, traced=logits is not None)
+        return cls(model, tokenizer, info, logits)
 
     def encode(self, prompt: str, response: str) -> Encoded:
         return encode(self.tokenizer, prompt, response)
 
     def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
         """Rewards of the last `n` tokens of each row (input_ids, n), in one forward pass."""
-        rewards = row_rewards(self.model, [ids for ids, _ in rows], self._pad_id)
+        rewards = row_rewards(self.model, [ids for ids, _ in rows], self._pad_id, self._logits)
         if self.info.kind == "sequence":
             return [self._on_last_token(float(r), n) for r, (_, n) in zip(rewards, rows,
                                                                            strict=True)]

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
         "CPU with 2+ cores (the Python between kernels overlaps), 1 on an accelerator")
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads per forward pass; unset: the cores / workers")
+    trace: bool = Field(True, description="run the forward as a TorchScript trace when it "
+                                          "reproduces the eager model (checked at load)")
 
     def parallelism(self, cores: int) -> tuple[int, int]:
         """(workers, torch threads per worker) for a machine with `cores` CPU cores."""

@@ -127,3 +127,48 @@ def test_bfloat16_returns_float32_rewards(tmp_path: Path, tokenizer) -> None:
     assert rewards.dtype == np.float32
     assert rewards.shape == (3,)
     assert np.all(np.isfinite(rewards))
+
+
+def _mixed_rows(tokenizer) -> list[tuple[list[int], int]]:
+    texts = ["Ana lives in Lima.", "Where does Ana live? Ana lives in Lima, by the sea.", "A"]
+    return [(_ids(tokenizer, t), min(3, len(_ids(tokenizer, t)))) for t in texts]
+
+
+@pytest.mark.parametrize("cls", [LlamaForTokenClassification, LlamaForSequenceClassification])
+def test_the_traced_forward_equals_the_eager_one(tmp_path: Path, tokenizer, cls) -> None:
+    path = _build(tmp_path / "rm", tokenizer, 3, cls=cls, id2label=THREE)
+    traced, eager = RewardModel.load(path), RewardModel.load(path, trace=False)
+    assert traced.info.traced and not eager.info.traced
+    rows = _mixed_rows(tokenizer)
+    for got, want in zip(traced.score(rows), eager.score(rows), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_model_that_cannot_be_traced_serves_eagerly(tmp_path: Path, tokenizer, monkeypatch,
+                                                      caplog) -> None:
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    path = _build(tmp_path / "rm", tokenizer, 3, id2label=THREE)
+    rm = RewardModel.load(path)
+    assert not rm.info.traced
+    assert "cannot trace the model (RuntimeError: unsupported op)" in caplog.text
+    rows = _mixed_rows(tokenizer)
+    for got, want in zip(rm.score(rows), RewardModel.load(path, trace=False).score(rows),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_trace_that_differs_from_the_model_is_not_used(tmp_path: Path, tokenizer, monkeypatch,
+                                                         caplog) -> None:
+    real_trace = torch.jit.trace
+
+    def shifted(module, example, **kwargs):  # a trace that is wrong on other shapes
+        traced = real_trace(module, example, **kwargs)
+        return lambda ids, mask: traced(ids, mask) + (ids.shape[1] != example[0].shape[1])
+
+    monkeypatch.setattr(torch.jit, "trace", shifted)
+    rm = RewardModel.load(_build(tmp_path / "rm", tokenizer, 3, id2label=THREE))
+    assert not rm.info.traced
+    assert "differs from the eager one" in caplog.text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,25 +22,33 @@ class Scored:
     token_ids: list[int]
 
 
+Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, mask) -> logits
+
+
 def padded_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), right-padded: with causal attention and the mask, a row's
     logits do not depend on what else is in the batch."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int64)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
-    return ids, mask
+        ids[i, :len(row)] = row
+    mask = np.arange(ids.shape[1]) < lengths[:, None]
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+
+
+def eager_logits(model: PreTrainedModel) -> Logits:
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
 
 
 @torch.inference_mode()
-def row_rewards(model: PreTrainedModel, rows: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
-    """(rows, longest) float32 rewards of one padded forward pass; padding columns are junk."""
+def row_rewards(model: PreTrainedModel, rows: Sequence[Sequence[int]], pad_id: int,
+                logits: Logits | None = None) -> np.ndarray:
+    """(rows, longest) float32 rewards of one padded forward pass; padding columns are junk.
+    `logits`: how to run the model (default: eagerly, as it is)."""
     ids, mask = padded_batch(rows, pad_id)
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    return token_rewards(logits, model.config.id2label).cpu().numpy().astype(np.float32)
+    out = (logits or eager_logits(model))(ids.to(device), mask.to(device))
+    return token_rewards(out, model.config.id2label).cpu().numpy().astype(np.float32)
 
 
 def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
