@@ -12,10 +12,12 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -58,6 +60,13 @@ def to_bodies(rows: Sequence[Row], per_request: int) -> list[Body]:
 class Target:
     url: str             # http://127.0.0.1:<port>, also for /metrics
     grpc: str | None     # 127.0.0.1:<port>; None: the server has no gRPC
+    pid: int             # the server process, whose CPU time is read from /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -202,15 +211,19 @@ async def run_load(target: Target, transport: str, bodies: Sequence[Body], concu
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(load.settled.wait(), max_settle)
         window_start = time.perf_counter()
+        cpu_before = cpu_seconds(target.pid)
         load.stop_at = window_end = window_start + seconds
         before = asyncio.create_task(scrape(target.url))  # a blocked server answers it late
         await asyncio.sleep(seconds)
+        cpu = cpu_seconds(target.pid) - cpu_before
         after = await scrape(target.url)
         await asyncio.gather(*tasks)
         for c in clients:
             await c.close()
     result = summarize(load.samples, window_start, window_end, await before, after)
-    return {**result, "warmup_s": window_start - started}
+    done = result["requests_per_s"] * seconds
+    return {**result, "warmup_s": window_start - started, "server_cpu_s": cpu,
+            "server_cpu_ms_per_request": 1000 * cpu / done if done else None}
 
 
 def summarize(samples: Sequence[Sample], start: float, end: float, before: dict[str, float],

@@ -113,15 +113,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(name: str, command: list[str], port: int, ready_path: str) -> Iterator[str]:
+def running(name: str, command: list[str], port: int, ready_path: str,
+            grpc_port: int | None = None) -> Iterator[Target]:
     """Start a server listening on 127.0.0.1:`port`, wait until `ready_path` answers 200,
-    yield its URL, stop it."""
+    yield where it listens, stop it."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(name, proc, url + ready_path, log)
-            yield url
+            yield Target(url, None if grpc_port is None else f"127.0.0.1:{grpc_port}", proc.pid)
         finally:
             stop(proc)
 
@@ -158,10 +159,9 @@ def start_servers(stack: ExitStack, model: Path) -> dict[str, Target]:
     server = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
               "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]
     naive = [sys.executable, str(NAIVE_SERVER), "--model", str(model), "--port", str(naive_port)]
-    return {"server": Target(stack.enter_context(running("tokenrm serve", server, port,
-                                                         "/readyz")), f"127.0.0.1:{grpc_port}"),
-            "naive": Target(stack.enter_context(running("naive server", naive, naive_port,
-                                                        "/healthz")), None)}
+    return {"server": stack.enter_context(running("tokenrm serve", server, port, "/readyz",
+                                                  grpc_port)),
+            "naive": stack.enter_context(running("naive server", naive, naive_port, "/healthz"))}
 
 
 def post_rewards(url: str, body: Body) -> list[np.ndarray]:
@@ -277,7 +277,9 @@ def measure_transports(vocab_size: int, target: Target, opts: Options) -> dict[s
         print(f"[transport] {transport} ...", flush=True)
         result[transport] = load(target, transport, bodies, opts)
     http, unary, stream = (result[t]["requests_per_s"] for t in TRANSPORTS)
+    cost = {t: result[t]["server_cpu_ms_per_request"] for t in TRANSPORTS}
     return {**result, "grpc_over_http": unary / http, "stream_over_unary": stream / unary,
+            "server_cpu_ms_per_request": cost,
             "floors": {"grpc_ge_1.2_http": unary >= 1.2 * http, "stream_ge_unary": stream >= unary}}
 
 
@@ -449,7 +451,8 @@ def _grpc_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
 
 def _footer(result: dict[str, Any]) -> list[str]:
     lat, ceil, tr = result["latency"], result["ceiling"], result["transports"]
-    rates = ", ".join(f"{t} {tr[t]['requests_per_s']:,.0f} req/s (p50 {tr[t]['p50_ms']:.1f} ms)"
+    rates = ", ".join(f"{t} {tr[t]['requests_per_s']:,.0f} req/s (p50 {tr[t]['p50_ms']:.1f} ms, "
+                      f"server CPU {tr[t]['server_cpu_ms_per_request']:.3f} ms/request)"
                       for t in TRANSPORTS)
     shares = ", ".join(f"{k} {m['ceiling_fraction']:.1%}" for k, m in result["mixes"].items())
     return [

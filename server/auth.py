@@ -13,6 +13,10 @@ class KeyChecker:
     def __init__(self, keys: tuple[str, ...]) -> None:
         self._keys = tuple(k.encode() for k in keys)
 
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
     def check(self, authorization: str | None) -> None:
         if not self._keys:
             return

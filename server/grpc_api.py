@@ -270,7 +270,8 @@ async def grpc_serving(state: ServerState) -> AsyncIterator[int]:
     bound port. On exit it is NOT_SERVING and in-flight calls get settings.grace_s to finish."""
     s = state.settings
     size = s.grpc_max_message_bytes
-    server = grpc.aio.server(interceptors=[KeyInterceptor(state.keys)], options=[
+    interceptors = [KeyInterceptor(state.keys)] if state.keys.required else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0)])  # a port in use is an error, not a silently shared port
     server.add_generic_rpc_handlers((_handlers(RewardServicer(state)),))

@@ -449,6 +449,27 @@ def test_calls_past_their_deadline_end_and_their_work_is_dropped(slow: Running) 
     assert metric(slow, "tokenrm_tokens_total") - before == answer.usage.tokens
 
 
+# ---------------------------------------------------------------- overload
+
+
+def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(tiny_checkpoint: Path) -> None:
+    env = {"TOKENRM_MAX_WAIT_MS": "2000", "TOKENRM_MAX_QUEUE_ITEMS": "8"}
+    with serve(tiny_checkpoint, env=env) as running, \
+            grpc.insecure_channel(running.grpc_target) as ch:
+        stub = pb_grpc.RewardServiceStub(ch)
+        held = stub.Score.future(ids_request(*[5] * 8), timeout=TIMEOUT)  # queued for 2 s
+        asyncio.run(_until_queued(running.url, 8))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Score(ids_request(3), timeout=TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in refused.value.details()
+        metadata = dict(refused.value.trailing_metadata())
+        assert metadata["tokenrm-error-code"] == "overloaded"
+        assert int(metadata["retry-after-ms"]) > 0
+        assert len(held.result().results) == 8  # what was queued is still answered
+        assert_still_serving(stub)
+
+
 # ---------------------------------------------------------------- TLS
 
 
