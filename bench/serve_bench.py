@@ -175,7 +175,7 @@ def post_rewards(url: str, body: Body) -> list[np.ndarray]:
 
 
 def raw_throughput(model: RewardModel, rows: Sequence[Row], settings: Settings,
-                   opts: Options) -> dict[str, Any]:
+                   overhead_tokens: float, opts: Options) -> dict[str, Any]:
     """Real tokens/s of model.score over batches chosen by pick_batch from a queue as deep as
     the HTTP load keeps the server's (concurrency x items per request), refilled in order, on
     as many threads as the server runs forward passes at once."""
@@ -186,7 +186,7 @@ def raw_throughput(model: RewardModel, rows: Sequence[Row], settings: Settings,
     def step() -> list[Row]:
         with lock:
             chosen = set(pick_batch([len(ids) for ids, _ in waiting], settings.max_batch_tokens,
-                                    settings.max_batch_size))
+                                    settings.max_batch_size, overhead_tokens))
             batch = [r for i, r in enumerate(waiting) if i in chosen]
             waiting[:] = [r for i, r in enumerate(waiting) if i not in chosen]
             waiting.extend(next(feed) for _ in chosen)
@@ -255,12 +255,13 @@ def load(target: Target, transport: str, bodies: Sequence[Body], opts: Options
 
 
 def measure_mix(mix: Mix, vocab_size: int, model: RewardModel, targets: dict[str, Target],
-                settings: Settings, opts: Options) -> dict[str, Any]:
+                settings: Settings, overhead_tokens: float, opts: Options) -> dict[str, Any]:
     rows = make_rows(mix, vocab_size, POOL_REQUESTS * opts.items_per_request, opts.seed)
     bodies = to_bodies(rows, opts.items_per_request)
     print(f"[{mix.name}] raw ...", flush=True)
     result: dict[str, Any] = {"range": [mix.lo, mix.hi], "note": mix.note,
-                              "raw": raw_throughput(model, rows, settings, opts)}
+                              "raw": raw_throughput(model, rows, settings, overhead_tokens,
+                                                    opts)}
     for name, server, transport in LOADS:
         print(f"[{mix.name}] {name} ...", flush=True)
         result[name] = load(targets[server], transport, bodies, opts)
@@ -335,7 +336,10 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
         vocab_size, max_len = served_limits(targets["server"].url)
         mixes = plan_mixes(max_len)
         agreement = check_agreement(mixes[-1], vocab_size, model, targets, opts)
-        per_mix = {m.name: measure_mix(m, vocab_size, model, targets, settings, opts)
+        overhead = settings.batch_overhead_tokens
+        if overhead is None:  # measured as the server measures it at start-up
+            overhead = model.overhead_tokens()
+        per_mix = {m.name: measure_mix(m, vocab_size, model, targets, settings, overhead, opts)
                    for m in mixes}
         transports = measure_transports(vocab_size, targets["server"], opts)
         latency_mix = next(m for m in mixes if m.name == LATENCY_MIX)
@@ -348,6 +352,7 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
                        "vocab_size": vocab_size, "prompt_len": PROMPT_LEN,
                        "max_batch_tokens": settings.max_batch_tokens,
                        "max_batch_size": settings.max_batch_size,
+                       "overhead_tokens": overhead, "traced": model.info.traced,
                        "workers": workers, "torch_threads": threads, "cpus": available_cores()},
             "notes": [m.note for m in mixes if m.note], "agreement_max_abs_diff": agreement,
             "mixes": per_mix, "transports": transports, "latency": latency, "ceiling": ceiling}
@@ -397,7 +402,9 @@ def _setup(result: dict[str, Any]) -> list[str]:
         f"{c['seconds']:g} s per measurement after a warm-up of >= {c['warmup']:g} s (until "
         f"every client had a response); seed {c['seed']}; {c['workers']} forward threads x "
         f"{c['torch_threads']} torch threads, {c['cpus']} CPUs; engine batches <= "
-        f"{c['max_batch_tokens']} padded tokens, <= {c['max_batch_size']} rows.",
+        f"{c['max_batch_tokens']} padded tokens, <= {c['max_batch_size']} rows, padding "
+        f"weighed against a forward's overhead of ~{c['overhead_tokens']:.0f} tokens (measured "
+        f"in the bench process); model traced: {c['traced']}.",
         *(f"- note: {n}" for n in result["notes"]),
     ]
 

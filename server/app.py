@@ -54,8 +54,12 @@ async def serving(settings: Settings, model: RewardModel) -> AsyncIterator[Serve
     """The engine and service around a loaded model, for as long as the context lasts."""
     metrics = EngineMetrics()
     workers, _threads = settings.parallelism(available_cores())
+    overhead = settings.batch_overhead_tokens
+    if overhead is None:
+        overhead = await asyncio.to_thread(model.overhead_tokens)
+        log.info("a forward pass costs about %.0f tokens of compute beyond its tokens", overhead)
     limits = EngineLimits(settings.max_batch_tokens, settings.max_batch_size,
-                          settings.max_wait_ms, settings.max_queue_items, workers)
+                          settings.max_wait_ms, settings.max_queue_items, workers, overhead)
     async with ScoringEngine(model, limits, metrics) as engine:
         max_tokens = min(settings.max_tokens_per_item or model.info.max_len, model.info.max_len)
         service = RewardService(engine, ServiceLimits(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,7 @@ class EngineLimits:
     max_wait_ms: float
     max_queue_items: int
     workers: int = 1                      # forward passes at once, each on its own thread
+    overhead_tokens: float = math.inf     # a forward's fixed cost in tokens (see pick_batch)
 
 
 class ScoringEngine:
@@ -218,7 +220,8 @@ class ScoringEngine:
                 continue
             live.append(w)
         chosen = set(pick_batch([len(w.row.input_ids) for w in live],
-                                self.limits.max_batch_tokens, self.limits.max_batch_size))
+                                self.limits.max_batch_tokens, self.limits.max_batch_size,
+                                self.limits.overhead_tokens))
         batch = [w for i, w in enumerate(live) if i in chosen]
         self._waiting = [w for i, w in enumerate(live) if i not in chosen]
         self.metrics.queue_depth.set(self.queued)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,27 @@ class RewardModel:
             return [self._on_last_token(float(r), n) for r, (_, n) in zip(rewards, rows,
                                                                            strict=True)]
         return [rewards[i, len(row) - n:len(row)].copy() for i, (row, n) in enumerate(rows)]
+
+    def overhead_tokens(self, repeats: int = 7) -> float:
+        """The fixed cost of one forward pass, in tokens of compute: fitted as a + b x tokens
+        from the median times of a small and a larger batch, it is a / b. Batching weighs
+        padding against it; inf when the timings show no cost per token (batch freely)."""
+        small, large = [([1] * 16, 1)], [([1] * 64, 1)] * 8
+
+        def median_s(rows: list[tuple[list[int], int]]) -> float:
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.score(rows)
+                times.append(time.perf_counter() - started)
+            return sorted(times)[repeats // 2]
+
+        median_s(large)  # warm-up
+        t_small, t_large = median_s(small), median_s(large)
+        per_token = (t_large - t_small) / (8 * 64 - 16)
+        if per_token <= 0:
+            return math.inf
+        return max(0.0, t_small - 16 * per_token) / per_token
 
     @staticmethod
     def _on_last_token(reward: float, n: int) -> np.ndarray:

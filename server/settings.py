@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
     max_batch_size: int = Field(64, ge=1, description="sequences per forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill up")
+    batch_overhead_tokens: float | None = Field(
+        None, ge=0, description="a forward pass's fixed cost in tokens of compute, weighed "
+        "against padding when rows of unlike lengths could share a batch; unset: measured at "
+        "start-up")
     max_queue_items: int = Field(2048, ge=1, description="items waiting; beyond: 429")
     request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + forward")
 

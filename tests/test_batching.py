@@ -64,3 +64,33 @@ def test_invariants_over_random_inputs() -> None:
         assert len(chosen) <= max_rows
         if chosen != [0]:
             assert padded_tokens([lengths[i] for i in chosen]) <= max_tokens
+
+
+def test_with_a_small_overhead_long_unlike_rows_are_not_padded_together() -> None:
+    # A forward's fixed cost of 8 tokens: padding 100 up to 400 costs far more, padding 395 up
+    # to 400 costs less (795 / 808 >= 400 / 408), padding 390 up costs more (790 / 808).
+    assert pick_batch([400, 100, 395], max_tokens=10_000, max_rows=8, overhead_tokens=8) == [0, 2]
+    assert pick_batch([400, 100, 390], max_tokens=10_000, max_rows=8, overhead_tokens=8) == [0]
+
+
+def test_with_a_large_overhead_short_rows_batch_despite_padding() -> None:
+    assert pick_batch([30, 10, 20, 12], max_tokens=10_000, max_rows=8,
+                      overhead_tokens=200) == [0, 1, 2, 3]
+
+
+def test_a_shorter_row_joins_when_it_fills_the_batch_well_enough() -> None:
+    # Batch [100, 98]: 198 real tokens for 200 padded + 20 overhead = 0.9. A row of 89 fills
+    # 89% of its slot and would lower that: it stays out; a row of 99 joins.
+    assert pick_batch([100, 98, 89], max_tokens=10_000, max_rows=8, overhead_tokens=20) == [0, 1]
+    assert pick_batch([100, 98, 99], max_tokens=10_000, max_rows=8,
+                      overhead_tokens=20) == [0, 1, 2]
+
+
+def test_the_chosen_batch_is_never_less_efficient_than_the_oldest_row_alone() -> None:
+    rng = random.Random(3)
+    for _ in range(1000):
+        lengths = [rng.randint(1, 500) for _ in range(rng.randint(1, 30))]
+        overhead = rng.choice([1, 16, 64, 256])
+        chosen = [lengths[i] for i in pick_batch(lengths, 100_000, 64, overhead)]
+        alone = lengths[0] / (overhead + lengths[0])
+        assert sum(chosen) / (overhead + padded_tokens(chosen)) >= alone - 1e-12
