@@ -32,7 +32,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.training -p tokenrm.server
+	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.training -p tokenrm.server
 
 demo: install
 	$(VENV)/bin/tokenrm demo

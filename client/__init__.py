@@ -1,1 +1,44 @@
-"""tokenrm.client: RewardClient, the trainer-side library for HTTP and gRPC."""
+"""tokenrm.client: per-token rewards from a tokenrm server, over HTTP or gRPC, sync or async.
+
+    from tokenrm.client import Item, RewardClient
+
+    with RewardClient("grpc://127.0.0.1:50051") as client:      # or http://, https://, grpcs://
+        scores = client.score([Item.text("Where does Ana live?", "Ana lives in Lima."),
+                               Item.tokens([1, 57, 80], [311, 279, 12])])
+        scores[0].rewards        # float32, one per response token; .token_ids, .total
+
+`score` takes any number of items: it splits them into requests under the server's limits, keeps
+a bounded number in flight, retries what is worth retrying (429, 503, UNAVAILABLE,
+RESOURCE_EXHAUSTED, lost connections) with backoff and jitter within one deadline, spreads
+requests over several endpoints (a list of URLs) and checks every answer before returning it, in
+input order. Installing it needs no torch: `pip install "tokenrm[client]"`.
+"""
+
+from tokenrm.client.async_client import AsyncRewardClient
+from tokenrm.client.errors import (
+    AuthenticationError,
+    DeadlineError,
+    InputError,
+    ResultError,
+    RewardClientError,
+    ServerError,
+)
+from tokenrm.client.retry import RetryPolicy
+from tokenrm.client.sync_client import RewardClient
+from tokenrm.client.types import Item, ItemScore, Limits, ModelInfo
+
+__all__ = [
+    "AsyncRewardClient",
+    "AuthenticationError",
+    "DeadlineError",
+    "InputError",
+    "Item",
+    "ItemScore",
+    "Limits",
+    "ModelInfo",
+    "ResultError",
+    "RetryPolicy",
+    "RewardClient",
+    "RewardClientError",
+    "ServerError",
+]

@@ -1,0 +1,71 @@
+"""RewardClient: the AsyncRewardClient, driven from synchronous code.
+
+It runs its own event loop on a daemon thread, so it works the same from scripts, training
+loops and notebooks (which already run a loop of their own)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from tokenrm.client.async_client import AsyncRewardClient
+from tokenrm.client.retry import RetryPolicy
+from tokenrm.client.types import Item, ItemScore, ModelInfo
+
+T = TypeVar("T")
+
+
+class RewardClient:
+    """Same arguments and behaviour as AsyncRewardClient; methods block until done."""
+
+    def __init__(self, url: str | Sequence[str], *, api_key: str | None = None,
+                 timeout_s: float = 60.0, max_in_flight: int = 4,
+                 items_per_request: int | None = None, retry: RetryPolicy | None = None,
+                 root_certificates: bytes | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="tokenrm-client")
+        self._thread.start()
+        self._client = self._run(self._make(url, api_key, timeout_s, max_in_flight,
+                                            items_per_request, retry, root_certificates))
+        self._closed = False
+
+    @staticmethod
+    async def _make(*args: Any) -> AsyncRewardClient:
+        url, api_key, timeout_s, max_in_flight, items_per_request, retry, roots = args
+        return AsyncRewardClient(url, api_key=api_key, timeout_s=timeout_s,
+                                 max_in_flight=max_in_flight,
+                                 items_per_request=items_per_request, retry=retry,
+                                 root_certificates=roots)
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def score(self, items: Sequence[Item], *, with_offsets: bool = False,
+              timeout_s: float | None = None) -> list[ItemScore]:
+        """See AsyncRewardClient.score."""
+        return self._run(self._client.score(items, with_offsets=with_offsets,
+                                            timeout_s=timeout_s))
+
+    def model_info(self, timeout_s: float | None = None) -> ModelInfo:
+        return self._run(self._client.model_info(timeout_s))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._run(self._client.close())
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if getattr(self, "_closed", False):
+            coroutine.close()
+            raise RuntimeError("this RewardClient is closed")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
