@@ -1,0 +1,64 @@
+"""The client's pure parts: backoff delays, splitting under limits, checking answers."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from tokenrm.client import Item, ItemScore, Limits, ModelInfo, ResultError, RetryPolicy
+from tokenrm.client.async_client import AsyncRewardClient, _checked, make_transport
+
+
+def _info(items: int = 4, request_bytes: int = 1_000_000) -> ModelInfo:
+    return ModelInfo("rm", "token", ("negative", "neutral", "positive"), "pos_minus_neg", 640,
+                     640, Limits(items, 640, request_bytes))
+
+
+def _score(n: int, **changes: object) -> ItemScore:
+    fields = {"rewards": np.zeros(n, np.float32), "token_ids": np.arange(n), "offsets": None,
+              "total": 0.0, "policy_rewards": None, **changes}
+    return ItemScore(**fields)  # type: ignore[arg-type]
+
+
+def test_backoff_grows_is_capped_jittered_and_honours_the_hint() -> None:
+    policy = RetryPolicy(initial_s=0.1, max_s=1.0, multiplier=2.0)
+    rng = random.Random(0)
+    delays = [[policy.delay_s(attempt, rng=rng) for _ in range(500)] for attempt in range(6)]
+    assert all(0 <= d <= min(1.0, 0.1 * 2 ** a) for a, ds in enumerate(delays) for d in ds)
+    assert max(delays[5]) > 0.9 and max(delays[0]) < 0.1  # grows to the cap
+    assert len(set(delays[3])) > 400                       # jittered
+    assert policy.delay_s(0, retry_after_s=2.5, rng=rng) == 2.5
+    assert not RetryPolicy().gives_up(100) and RetryPolicy(max_attempts=2).gives_up(2)
+
+
+def test_items_are_split_under_the_item_and_byte_limits() -> None:
+    client = AsyncRewardClient("http://127.0.0.1:9")
+    items = [Item.tokens([1], [5] * n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    chunks = client._split(items, _info(items=4))
+    assert [start for start, _ in chunks] == [0, 4, 8]
+    assert [x for _, chunk in chunks for x in chunk] == items
+    small = client._split(items, _info(items=100, request_bytes=400))  # ~ 100 bytes per item
+    assert all(len(chunk) <= 2 for _, chunk in small) and len(small) >= 5
+    client.items_per_request = 3
+    assert [len(c) for _, c in client._split(items, _info(items=4))] == [3, 3, 3, 1]
+
+
+def test_an_answer_that_does_not_fit_its_item_is_refused() -> None:
+    item = Item.tokens([1], [5, 6, 7])
+    assert _checked(0, item, _score(3)).rewards.shape == (3,)
+    with pytest.raises(ResultError, match=r"items\[7\].*2 rewards for 3 response tokens"):
+        _checked(7, item, _score(2))
+    with pytest.raises(ResultError, match="non-finite"):
+        _checked(0, item, _score(3, rewards=np.array([0, np.nan, 0], np.float32)))
+    text = Item.text("p", "a b", policy_offsets=[(0, 1), (1, 3)])
+    with pytest.raises(ResultError, match="0 policy rewards for 2 policy tokens"):
+        _checked(0, text, _score(2))
+
+
+def test_urls_pick_the_transport_and_bad_ones_are_refused() -> None:
+    assert type(make_transport("http://h:1", None, None)).__name__ == "HttpTransport"
+    assert type(make_transport("grpc://h:1", None, None)).__name__ == "GrpcTransport"
+    with pytest.raises(ValueError, match="http://, https://, grpc:// or grpcs://"):
+        make_transport("ftp://h:1", None, None)
