@@ -23,16 +23,26 @@ class GrpcTransport:
     def __init__(self, target: str, api_key: str | None,
                  credentials: grpc.ChannelCredentials | None, max_message_bytes: int) -> None:
         self.target = target
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.aio.secure_channel(target, credentials, options) \
-            if credentials is not None else grpc.aio.insecure_channel(target, options)
-        self._stub = pb_grpc.RewardServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._credentials = credentials
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes)]
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel: grpc.aio.Channel | None = None
+        self._stubs: tuple[pb_grpc.RewardServiceStub, health_pb2_grpc.HealthStub] | None = None
+
+    def _connected(self) -> tuple[pb_grpc.RewardServiceStub, health_pb2_grpc.HealthStub]:
+        """The stubs, on a channel opened on first use: grpc.aio binds it to the running loop."""
+        if self._stubs is None:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._credentials, self._options) if self._credentials \
+                else grpc.aio.insecure_channel(self.target, self._options)
+            self._stubs = (pb_grpc.RewardServiceStub(self._channel),
+                           health_pb2_grpc.HealthStub(self._channel))
+        return self._stubs
 
     async def model_info(self, timeout_s: float) -> ModelInfo:
-        m = await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s)
+        m = await self._call(self._connected()[0].GetModelInfo, pb.GetModelInfoRequest(),
+                             timeout_s)
         return ModelInfo(
             name=m.name, kind=m.kind, labels=tuple(m.labels), reward_rule=m.reward_rule,
             vocab_size=m.vocab_size, max_len=m.max_len,
@@ -44,18 +54,20 @@ class GrpcTransport:
                     timeout_s: float) -> list[ItemScore]:
         request = pb.ScoreRequest(items=[_item_proto(it) for it in items],
                                   return_tokens=with_offsets)
-        answer = await self._call(self._stub.Score, request, timeout_s)
+        answer = await self._call(self._connected()[0].Score, request, timeout_s)
         return [_score(r, with_offsets) for r in answer.results]
 
     async def healthy(self, timeout_s: float) -> bool:
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            reply = await self._connected()[1].Check(health_pb2.HealthCheckRequest(),
+                                                     timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def _call(self, method, request, timeout_s):  # type: ignore[no-untyped-def]
         try:

@@ -61,7 +61,7 @@ class Pool:
     async def wait_for_change(self, timeout_s: float) -> None:
         """Until an endpoint comes back or `timeout_s` passes."""
         self._changed.clear()
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct before 3.11
             await asyncio.wait_for(self._changed.wait(), timeout_s)
 
     async def close(self) -> None:

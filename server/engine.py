@@ -9,6 +9,7 @@ never blocks. Rows whose caller went away or whose deadline passed are dropped, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -148,7 +149,7 @@ class ScoringEngine:
         self._wake.set()
         try:
             return await asyncio.wait_for(request.future, timeout_s)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             raise DeadlineExceeded(f"not scored within {timeout_s:g} s") from None
         finally:
             request.future.cancel()  # a caller that went away: its rows are skipped
@@ -201,13 +202,16 @@ class ScoringEngine:
                 w.request.deliver(w.index, r)
 
     async def _fill_or_wait(self) -> None:
-        """Give a batch that is not yet full up to max_wait_ms to fill."""
-        if len(self._waiting) >= self.limits.max_batch_size or self.limits.max_wait_ms <= 0:
-            return
-        waited = time.monotonic() - self._waiting[0].queued_at
-        remaining = self.limits.max_wait_ms / 1000 - waited
-        if remaining > 0:
-            await asyncio.sleep(remaining)
+        """Give a batch that is not yet full up to max_wait_ms, counted from its oldest row
+        whose caller still waits, to fill; stop waiting as soon as it is full."""
+        while 0 < self.queued < self.limits.max_batch_size:
+            remaining = self.limits.max_wait_ms / 1000 - (time.monotonic()
+                                                         - self._waiting[0].queued_at)
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
 
     def _take_batch(self) -> list[_Waiting]:
         now = time.monotonic()

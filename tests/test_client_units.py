@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import numpy as np
@@ -58,6 +59,7 @@ def test_an_answer_that_does_not_fit_its_item_is_refused() -> None:
 
 
 def test_urls_pick_the_transport_and_bad_ones_are_refused() -> None:
+    asyncio.set_event_loop(None)  # as after asyncio.run: clients are made outside any loop
     assert type(make_transport("http://h:1", None, None)).__name__ == "HttpTransport"
     assert type(make_transport("grpc://h:1", None, None)).__name__ == "GrpcTransport"
     with pytest.raises(ValueError, match="http://, https://, grpc:// or grpcs://"):

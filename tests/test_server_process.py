@@ -58,7 +58,8 @@ def test_rewards_equal_the_direct_forward_under_concurrent_mixed_load(
         for indices, rewards in zip(requests * 2, answers, strict=True):
             for i, r in zip(indices, rewards, strict=True):
                 if i in got:
-                    np.testing.assert_array_equal(got[i], r)  # same answer both times
+                    # the same answer both times, up to float rounding in other batch shapes
+                    np.testing.assert_allclose(got[i], r, atol=1e-6, rtol=0)
                 got[i] = r
         return got
 
