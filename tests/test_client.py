@@ -532,6 +532,31 @@ def test_requests_are_spread_over_live_endpoints(server: Running, small: Running
     assert sum(sent) == 25
 
 
+def test_a_failed_endpoint_leaves_the_rotation_and_returns_after_its_health_check(
+        tiny_checkpoint: Path, server: Running) -> None:
+    port, grpc_port = free_port(), free_port()
+    other = f"http://127.0.0.1:{port}"
+    items = many_items(40, seed=8)
+    want = served(server.url, items, per_request=4)
+    proc = _start(tiny_checkpoint, port, grpc_port, {})
+    try:
+        with RewardClient([server.url, other], timeout_s=TIMEOUT, items_per_request=4,
+                          retry=FAST_RETRY) as client:
+            assert_same(client.score(items), want, exact=False)
+            assert requests_total(other, "http") >= 1  # in the rotation
+            proc.kill()
+            proc.wait(timeout=10)
+            assert_same(client.score(items), want, exact=False)  # all on the live one
+            proc = _start(tiny_checkpoint, port, grpc_port, {})  # a fresh process: counts at 0
+            deadline = time.monotonic() + TIMEOUT
+            while requests_total(other, "http") == 0 and time.monotonic() < deadline:
+                assert_same(client.score(items), want, exact=False)
+                time.sleep(0.1)
+            assert requests_total(other, "http") >= 1  # back after its health check passed
+    finally:
+        _stop(proc)
+
+
 # ---------------------------------------------------------------- 9. malformed answers
 
 
