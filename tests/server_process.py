@@ -7,11 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -22,6 +24,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_LOGS: dict[int, IO[str]] = {}  # server output files by process id, closed by stop()
+
+
 @dataclass(frozen=True)
 class Running:
     url: str                      # http://127.0.0.1:<port>
@@ -29,37 +34,57 @@ class Running:
     process: subprocess.Popen[str]
 
 
+def start(model: Path, port: int, grpc_port: int, env: dict[str, str] | None = None,
+          timeout_s: float = 60.0) -> subprocess.Popen[str]:
+    """`tokenrm serve` on the given ports; returns once GET /readyz answers 200. Its output goes
+    to a temporary file (a pipe nobody reads would block it once full), shown if it dies."""
+    cmd = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
+           "--port", str(port), "--grpc-port", str(grpc_port)]
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop())
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    _LOGS[proc.pid] = log
+    keys = (env or {}).get("TOKENRM_API_KEYS")
+    headers = {"authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers,
+                         timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise TimeoutError(f"server not ready within {timeout_s} s")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM (a graceful drain), then SIGKILL if it has not exited within 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log = _LOGS.pop(proc.pid, None)
+    if log is not None:
+        log.close()
+
+
 @contextmanager
 def serve(model: Path, env: dict[str, str] | None = None, timeout_s: float = 60.0
           ) -> Iterator[Running]:
-    """Start the server (HTTP and gRPC), wait until /readyz answers, yield where it listens,
-    then SIGTERM it (unless the test already stopped it)."""
+    """Start the server (HTTP and gRPC) on free ports, yield where it listens once ready,
+    then stop it (unless the test already did)."""
     port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
-           "--port", str(port), "--grpc-port", str(grpc_port)]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    headers = {"authorization": f"Bearer {env['TOKENRM_API_KEYS'].split(',')[0]}"} \
-        if env and env.get("TOKENRM_API_KEYS") else {}
+    proc = start(model, port, grpc_port, env, timeout_s)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/readyz", headers=headers, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready within {timeout_s} s")
-            time.sleep(0.2)
-        yield Running(url, f"127.0.0.1:{grpc_port}", proc)
+        yield Running(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", proc)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ import numpy as np
 import pytest
 
 from tests.faulty_proxy import FaultyProxy
-from tests.server_process import Running, free_port, serve
+from tests.server_process import Running, free_port, serve, start, stop
 from tokenrm.client import (
     AsyncRewardClient,
     AuthenticationError,
@@ -108,9 +106,9 @@ def served(url: str, items: Sequence[Item], *, per_request: int = 256,
            headers: dict[str, str] | None = None) -> list[Served]:
     """What the server itself answers for `items` (POST /score, in requests of `per_request`)."""
     out = []
-    for start in range(0, len(items), per_request):
+    for first in range(0, len(items), per_request):
         r = httpx.post(f"{url}/score", headers=headers, timeout=TIMEOUT, json={
-            "items": [as_json(i) for i in items[start:start + per_request]],
+            "items": [as_json(i) for i in items[first:first + per_request]],
             "return_tokens": True})
         assert r.status_code == 200, r.text
         for x in r.json()["results"]:
@@ -374,37 +372,6 @@ def test_a_full_server_queue_is_retried_until_it_succeeds(server: Running, crowd
 # ---------------------------------------------------------------- 5. a server restarted mid-call
 
 
-def _start(model: Path, port: int, grpc_port: int, env: dict[str, str]) -> subprocess.Popen[str]:
-    """`tokenrm serve` on the given ports, ready (GET /readyz 200) when this returns."""
-    cmd = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
-           "--port", str(port), "--grpc-port", str(grpc_port)]
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError("server not ready within 60 s")
-        time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_a_call_survives_a_server_killed_and_restarted_mid_call(tiny_checkpoint: Path,
                                                                server: Running) -> None:
     """One HTTP and one gRPC call, each of 30 requests, 2 in flight, against a server whose
@@ -415,7 +382,7 @@ def test_a_call_survives_a_server_killed_and_restarted_mid_call(tiny_checkpoint:
     env = {"TOKENRM_MAX_WAIT_MS": "100"}
     items = many_items(120, seed=4)
     want = served(server.url, items)  # the same model, without the 100 ms waits
-    proc = _start(tiny_checkpoint, port, grpc_port, env)
+    proc = start(tiny_checkpoint, port, grpc_port, env)
     try:
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(2) as pool:
             clients = [stack.enter_context(RewardClient(
@@ -429,14 +396,14 @@ def test_a_call_survives_a_server_killed_and_restarted_mid_call(tiny_checkpoint:
             proc.kill()
             proc.wait(timeout=10)
             assert not any(c.done() for c in calls), "the calls ended before the kill"
-            proc = _start(tiny_checkpoint, port, grpc_port, env)
+            proc = start(tiny_checkpoint, port, grpc_port, env)
             results = [c.result(timeout=TIMEOUT) for c in calls]
         for got in results:
             assert_same(got, want, exact=False)
         # The second process answered part of each call.
         assert requests_total(url, "http") >= 1 and requests_total(url, "grpc") >= 1
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # ---------------------------------------------------------------- 6. input errors
@@ -538,7 +505,7 @@ def test_a_failed_endpoint_leaves_the_rotation_and_returns_after_its_health_chec
     other = f"http://127.0.0.1:{port}"
     items = many_items(40, seed=8)
     want = served(server.url, items, per_request=4)
-    proc = _start(tiny_checkpoint, port, grpc_port, {})
+    proc = start(tiny_checkpoint, port, grpc_port, {})
     try:
         with RewardClient([server.url, other], timeout_s=TIMEOUT, items_per_request=4,
                           retry=FAST_RETRY) as client:
@@ -547,14 +514,14 @@ def test_a_failed_endpoint_leaves_the_rotation_and_returns_after_its_health_chec
             proc.kill()
             proc.wait(timeout=10)
             assert_same(client.score(items), want, exact=False)  # all on the live one
-            proc = _start(tiny_checkpoint, port, grpc_port, {})  # a fresh process: counts at 0
+            proc = start(tiny_checkpoint, port, grpc_port, {})  # a fresh process: counts at 0
             deadline = time.monotonic() + TIMEOUT
             while requests_total(other, "http") == 0 and time.monotonic() < deadline:
                 assert_same(client.score(items), want, exact=False)
                 time.sleep(0.1)
             assert requests_total(other, "http") >= 1  # back after its health check passed
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # ---------------------------------------------------------------- 9. malformed answers
