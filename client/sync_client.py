@@ -24,21 +24,16 @@ class RewardClient:
                  timeout_s: float = 60.0, max_in_flight: int = 4,
                  items_per_request: int | None = None, retry: RetryPolicy | None = None,
                  root_certificates: bytes | None = None) -> None:
+        # Connections open on first use, on the loop below, so the client is made here.
+        self._client = AsyncRewardClient(url, api_key=api_key, timeout_s=timeout_s,
+                                         max_in_flight=max_in_flight,
+                                         items_per_request=items_per_request, retry=retry,
+                                         root_certificates=root_certificates)
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="tokenrm-client")
         self._thread.start()
-        self._client = self._run(self._make(url, api_key, timeout_s, max_in_flight,
-                                            items_per_request, retry, root_certificates))
-        self._closed = False
-
-    @staticmethod
-    async def _make(*args: Any) -> AsyncRewardClient:
-        url, api_key, timeout_s, max_in_flight, items_per_request, retry, roots = args
-        return AsyncRewardClient(url, api_key=api_key, timeout_s=timeout_s,
-                                 max_in_flight=max_in_flight,
-                                 items_per_request=items_per_request, retry=retry,
-                                 root_certificates=roots)
 
     def __enter__(self) -> RewardClient:
         return self
@@ -65,7 +60,7 @@ class RewardClient:
         self._loop.close()
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if getattr(self, "_closed", False):
+        if self._closed:
             coroutine.close()
             raise RuntimeError("this RewardClient is closed")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

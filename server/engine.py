@@ -85,8 +85,7 @@ class ScoringEngine:
     def __init__(self, model: RewardModel, limits: EngineLimits, metrics: EngineMetrics) -> None:
         self.model, self.limits, self.metrics = model, limits, metrics
         self._waiting: list[_Waiting] = []
-        self._running: set[asyncio.Task[None]] = set()  # batches in the model right now
-        self._running_rows: list[_Waiting] = []
+        self._running: dict[asyncio.Task[None], list[_Waiting]] = {}  # batches in the model
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=limits.workers,
                                             thread_name_prefix="tokenrm-forward")
@@ -104,11 +103,12 @@ class ScoringEngine:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        running = [w for batch in self._running.values() for w in batch]
         for task in self._running:
             task.cancel()
-        for w in self._waiting + self._running_rows:
+        for w in self._waiting + running:
             w.request.fail(Unavailable("the server is shutting down", retry_after_s=1.0))
-        self._waiting, self._running_rows = [], []
+        self._waiting, self._running = [], {}
         # The model may still be in a forward pass: wait for it off the event loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
@@ -166,14 +166,11 @@ class ScoringEngine:
             if not batch:
                 free.release()
                 continue
-            self._running_rows.extend(batch)
             task = asyncio.create_task(self._compute(batch))
-            self._running.add(task)
+            self._running[task] = batch
 
-            def done(task: asyncio.Task[None], batch: list[_Waiting] = batch) -> None:
-                self._running.discard(task)
-                finished = {id(w) for w in batch}
-                self._running_rows = [w for w in self._running_rows if id(w) not in finished]
+            def done(task: asyncio.Task[None]) -> None:
+                self._running.pop(task, None)
                 free.release()
 
             task.add_done_callback(done)
