@@ -409,6 +409,10 @@ def _setup(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _main_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| mix | raw tok/s | server tok/s | naive tok/s | server/raw | server/naive "
              "| padding | server >= 0.8 x raw | server >= naive (1.5 x on 8-32) "
@@ -420,7 +424,7 @@ def _main_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
                  _num(m["naive"]["tokens_per_s"]), _num(m["server_over_raw"], ".2f"),
                  _num(m["server_over_naive"], ".2f"), _num(m["server"]["padding_ratio"], ".3f"),
                  *(_met(ok) for ok in m["floors"].values())]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return lines
 
 
@@ -436,7 +440,7 @@ def _detail_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
                  f"{m['raw']['padding_ratio']:.3f}", f"{n['request_padding_ratio']:.3f}",
                  f"{s['errors']}, {n['errors']}", f"{s['warmup_s']:.1f}, {n['warmup_s']:.1f}",
                  f"{m['ceiling_fraction']:.1%}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return lines
 
 
@@ -452,7 +456,7 @@ def _grpc_table(mixes: dict[str, dict[str, Any]]) -> list[str]:
                  f"{m['stream_over_http']:.2f}", f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f}",
                  f"{st['p50_ms']:.0f} / {st['p99_ms']:.0f}", f"{u['errors']}, {st['errors']}",
                  *(_met(ok) for ok in m["grpc_floors"].values())]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return lines
 
 
