@@ -48,7 +48,8 @@ class GrpcTransport:
             vocab_size=m.vocab_size, max_len=m.max_len,
             limits=Limits(max_items_per_request=m.limits.max_items_per_request,
                           max_tokens_per_item=m.limits.max_tokens_per_item,
-                          max_request_bytes=m.limits.max_message_bytes))
+                          max_request_bytes=m.limits.max_message_bytes),
+            tokenizer_sha256=m.tokenizer_sha256)
 
     async def score(self, items: Sequence[Item], with_offsets: bool,
                     timeout_s: float) -> list[ItemScore]:

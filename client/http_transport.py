@@ -32,7 +32,8 @@ class HttpTransport:
             max_len=body["max_len"],
             limits=Limits(max_items_per_request=limits["max_items_per_request"],
                           max_tokens_per_item=limits["max_tokens_per_item"],
-                          max_request_bytes=limits["max_body_bytes"]))
+                          max_request_bytes=limits["max_body_bytes"]),
+            tokenizer_sha256=body.get("tokenizer_sha256", ""))
 
     async def score(self, items: Sequence[Item], with_offsets: bool,
                     timeout_s: float) -> list[ItemScore]:

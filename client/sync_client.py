@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from tokenrm.client.async_client import AsyncRewardClient
@@ -44,8 +45,14 @@ class RewardClient:
     def score(self, items: Sequence[Item], *, with_offsets: bool = False,
               timeout_s: float | None = None) -> list[ItemScore]:
         """See AsyncRewardClient.score."""
-        return self._run(self._client.score(items, with_offsets=with_offsets,
-                                            timeout_s=timeout_s))
+        return self.submit(items, with_offsets=with_offsets, timeout_s=timeout_s).result()
+
+    def submit(self, items: Sequence[Item], *, with_offsets: bool = False,
+               timeout_s: float | None = None) -> Future[list[ItemScore]]:
+        """Start scoring `items` and return at once (e.g. to generate the next batch meanwhile);
+        the future's result() gives what `score` would return, or raises what it would raise."""
+        return self._submit(self._client.score(items, with_offsets=with_offsets,
+                                               timeout_s=timeout_s))
 
     def model_info(self, timeout_s: float | None = None) -> ModelInfo:
         return self._run(self._client.model_info(timeout_s))
@@ -60,7 +67,10 @@ class RewardClient:
         self._loop.close()
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._submit(coroutine).result()
+
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         if self._closed:
             coroutine.close()
             raise RuntimeError("this RewardClient is closed")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)

@@ -65,3 +65,4 @@ class ModelInfo:
     vocab_size: int
     max_len: int
     limits: Limits
+    tokenizer_sha256: str = ""       # equal to your tokenizer's: you may send token ids

@@ -179,7 +179,8 @@ class RewardServicer:
         info, s = self.state.model.info, self.state.settings
         return pb.ModelInfo(
             name=info.name, kind=info.kind, labels=info.labels, reward_rule=info.reward_rule,
-            tokenizer=info.tokenizer, vocab_size=info.vocab_size, max_len=info.max_len,
+            tokenizer=info.tokenizer, tokenizer_sha256=info.tokenizer_sha256,
+            vocab_size=info.vocab_size, max_len=info.max_len,
             dtype=info.dtype, device=info.device,
             limits=pb.Limits(max_items_per_request=s.max_items_per_request,
                              max_tokens_per_item=self.state.service.limits.max_tokens_per_item,

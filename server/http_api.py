@@ -100,7 +100,8 @@ async def model_info(state: State) -> ModelInfoResponse:
     info, s = state.model.info, state.settings
     return ModelInfoResponse(
         name=info.name, kind=info.kind, labels=list(info.labels), reward_rule=info.reward_rule,
-        tokenizer=info.tokenizer, vocab_size=info.vocab_size, max_len=info.max_len,
+        tokenizer=info.tokenizer, tokenizer_sha256=info.tokenizer_sha256,
+            vocab_size=info.vocab_size, max_len=info.max_len,
         dtype=info.dtype, device=info.device,
         limits=Limits(max_items_per_request=s.max_items_per_request,
                       max_tokens_per_item=state.service.limits.max_tokens_per_item,

@@ -24,6 +24,7 @@ from tokenrm.server.tracing import traced_logits
 from tokenrm.training.encoding import Encoded, encode
 from tokenrm.training.reward_rule import POS_MINUS_NEG
 from tokenrm.training.scoring import Logits, row_rewards
+from tokenrm.training.tokenizer import fingerprint
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +44,7 @@ class ModelInfo:
     max_len: int              # prompt + response tokens
     vocab_size: int
     tokenizer: str
+    tokenizer_sha256: str     # see training.tokenizer.fingerprint
     dtype: str
     device: str
     traced: bool              # the forward runs as a verified TorchScript trace
@@ -98,7 +100,8 @@ class RewardModel:
             name=name or path.name, kind="sequence" if sequence else "token",
             labels=tuple(str(model.config.id2label[i]) for i in range(num_labels)),
             reward_rule=RULES[num_labels], max_len=_max_len(model.config, tokenizer),
-            vocab_size=vocab_size, tokenizer=type(tokenizer).__name__, dtype=dtype,
+            vocab_size=vocab_size, tokenizer=type(tokenizer).__name__,
+            tokenizer_sha256=fingerprint(tokenizer), dtype=dtype,
             device=device, traced=logits is not None)
         return cls(model, tokenizer, info, logits)
 

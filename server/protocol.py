@@ -82,6 +82,8 @@ class ModelInfoResponse(BaseModel):
     labels: list[str]
     reward_rule: str
     tokenizer: str
+    tokenizer_sha256: str = Field(description="sha256 of the vocabulary and special token "
+                                  "ids: callers with the same one can send token ids")
     vocab_size: int
     max_len: int
     dtype: str

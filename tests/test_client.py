@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from tests.faulty_proxy import FaultyProxy
-from tests.server_process import Running, free_port, serve, start, stop
+from tokenrm.server.process import Running, free_port, serve, start, stop
 from tokenrm.client import (
     AsyncRewardClient,
     AuthenticationError,

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
-from tests.server_process import free_port, serve
+from tokenrm.server.process import free_port, serve
 from tokenrm.client.score_view import (
     most_negative,
     render_response,

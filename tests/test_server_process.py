@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from tests.server_process import serve
+from tokenrm.server.process import serve
 from tokenrm.training import synth
 from tokenrm.training.encoding import encode
 from tokenrm.training.reward_rule import token_rewards

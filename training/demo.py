@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -54,25 +55,29 @@ def build_checkpoint(out: Path, preset: Preset, progress: bool = True) -> None:
                     metrics["pairwise_accuracy"] or 0.0, WARN_BELOW_PAIRWISE)
 
 
-def demo_checkpoint(cache_dir: Path | None = None, preset_name: str = "demo",
-                    progress: bool = True) -> Path:
-    """The cached checkpoint of `preset_name`, built first if this recipe has none yet.
+def cached_build(root: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """root/name, made first by `build(directory)` if it is not there yet.
 
     Concurrent callers wait on a lock; a build that fails leaves nothing behind.
     """
-    preset = PRESETS[preset_name]
-    root = cache_dir or default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{preset_name}-{recipe_key(preset)}"
+    target = root / name
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
-        log.warning("building the %s model into %s (once per recipe; a few minutes on a CPU)",
-                    preset_name, target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+        log.warning("building %s (once; a few minutes on a CPU)", target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
-            build_checkpoint(staging, preset, progress)
+            build(staging)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def demo_checkpoint(cache_dir: Path | None = None, preset_name: str = "demo",
+                    progress: bool = True) -> Path:
+    """The cached checkpoint of `preset_name`, built first if this recipe has none yet."""
+    preset = PRESETS[preset_name]
+    return cached_build(cache_dir or default_cache_dir(), f"{preset_name}-{recipe_key(preset)}",
+                        lambda out: build_checkpoint(out, preset, progress))

@@ -250,3 +250,11 @@ def judge(prompt: str, response: str) -> list[ErrorSpan]:
             kind, a, b = found
             errors.append(ErrorSpan(kind, m.start() + a, m.start() + b))
     return errors
+
+
+
+def correct_facts(prompt: str, response: str) -> int:
+    """How many sentences of `response` state a fact about the person asked about, correctly."""
+    subject, facts = parse_prompt(prompt)
+    return sum(_check(m.group().rstrip(), subject, facts) is None
+               for m in _SENTENCE_RE.finditer(response))

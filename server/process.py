@@ -1,4 +1,4 @@
-"""Run `tokenrm serve` as a real process on 127.0.0.1 for integration tests."""
+"""Run `tokenrm serve` as a child process on 127.0.0.1: for tests, benchmarks and experiments."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Fine-grained PPO against a running tokenrm server."""

@@ -1,0 +1,107 @@
+"""The PPO update's maths as pure functions over (batch, response tokens) tensors.
+
+`mask` marks real response tokens (1) and padding (0); padded positions never leak into a
+result. Rewards follow the fine-grained PPO of Xu et al. (2024): r_t = rm_t - beta * KL_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the masked positions; padding stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def kl_penalized(rm: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                 mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_t = rm_t - beta * KL_t, KL_t), with KL_t = log pi(a_t) - log pi_ref(a_t)."""
+    kl = (logprobs - ref_logprobs) * mask
+    return (rm - beta * kl) * mask, kl
+
+
+def sequence_level(rm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The traditional PPO reward: each row's total placed on its last real token."""
+    out = torch.zeros_like(rm)
+    lengths = mask.sum(dim=1).long()
+    rows = torch.nonzero(lengths > 0).squeeze(1)
+    out[rows, lengths[rows] - 1] = (rm * mask).sum(dim=1)[rows]
+    return out
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns (advantages + values).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, where the
+    value and advantage after a row's last token are 0 (the episode ends there).
+    """
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = (delta + gamma * lam * next_advantage) * m
+        advantages[:, t] = advantage
+        next_value = values[:, t] * m
+        next_advantage = advantage
+    return advantages, (advantages + values) * mask
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    loss: torch.Tensor
+    clip_fraction: float    # share of tokens whose ratio the clip held back
+    approx_kl: float        # mean of old - new log-probabilities
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip: float) -> PolicyLoss:
+    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-c, 1+c))."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(old_logprobs - logprobs.detach(), mask)
+    return PolicyLoss(loss, float(clip_fraction), float(approx_kl))
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clipped value loss: 0.5 * mean of max((V - R)^2, (V_old + clip(V - V_old) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2),
+                             mask)
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the next-token distributions at the masked positions."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(dim=-1), mask)
+
+
+@dataclass
+class KLController:
+    """beta: fixed, or adapted towards a target KL per sequence (Ziegler et al., 2019):
+    beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * rollouts / horizon."""
+
+    beta: float
+    target: float | None = None     # None: beta stays fixed
+    horizon: int = 10000            # rollouts over which beta may change by e^(+-0.2)
+
+    def update(self, kl_per_sequence: float, rollouts: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl_per_sequence / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * rollouts / self.horizon

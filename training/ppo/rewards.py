@@ -1,0 +1,85 @@
+"""Per-token rewards for the policy's responses, from a tokenrm server through the client.
+
+When the policy's tokenizer is the reward model's (same fingerprint), the exact generated token
+ids are sent; otherwise the decoded text, with each policy token's character span, and the
+server maps its rewards back onto the policy's tokens. Either way every response gets one
+reward per policy token; a final EOS (which the reward model never sees) gets 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Literal
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from tokenrm.client import Item, ItemScore, RewardClient
+from tokenrm.training.tokenizer import fingerprint
+
+Send = Literal["auto", "ids", "text"]
+
+
+def decoded_with_offsets(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]
+                         ) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text and each token's character span in it (empty for a token that only
+    completes a character started by the one before)."""
+    text, offsets = "", []
+    for n in range(1, len(ids) + 1):
+        longer = tokenizer.decode(ids[:n])
+        start = min(len(text), len(longer))
+        offsets.append((start, len(longer)))
+        text = longer
+    return text, offsets
+
+
+class RewardSource:
+    """Submits rollouts for scoring and returns futures of aligned reward arrays."""
+
+    def __init__(self, client: RewardClient, tokenizer: PreTrainedTokenizerBase,
+                 send: Send = "auto", timeout_s: float | None = None) -> None:
+        self.client, self.tokenizer, self.timeout_s = client, tokenizer, timeout_s
+        info = client.model_info(timeout_s)
+        same = info.tokenizer_sha256 == fingerprint(tokenizer)
+        if send == "ids" and not same:
+            raise ValueError("send=ids: the server's tokenizer is not the policy's "
+                             f"(sha256 {info.tokenizer_sha256[:12] or 'unknown'} vs "
+                             f"{fingerprint(tokenizer)[:12]}); send text instead")
+        self.sends_ids = send == "ids" or (send == "auto" and same)
+
+    def submit(self, prompts: Sequence[str], prompt_ids: Sequence[Sequence[int]],
+               responses: Sequence[Sequence[int]]) -> Future[list[np.ndarray]]:
+        """Rewards of each response (one per token, EOS included), when the future is done."""
+        eos = self.tokenizer.eos_token_id
+        scored = [list(r[:-1]) if r and r[-1] == eos else list(r) for r in responses]
+        wanted = [i for i, ids in enumerate(scored)  # an empty response gets nothing
+                  if ids and (self.sends_ids or self.tokenizer.decode(ids))]
+        items = [self._item(prompts[i], prompt_ids[i], scored[i]) for i in wanted]
+        result: Future[list[np.ndarray]] = Future()
+        pending = self.client.submit(items, timeout_s=self.timeout_s)
+
+        def done(f: Future[list[ItemScore]]) -> None:
+            try:
+                scores = f.result()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
+                result.set_exception(exc)
+                return
+            out = [np.zeros(len(r), dtype=np.float32) for r in responses]
+            for i, score in zip(wanted, scores, strict=True):
+                if self.sends_ids:
+                    out[i][:len(scored[i])] = score.rewards
+                else:  # tokens with an empty span were not sent and keep 0
+                    spans = decoded_with_offsets(self.tokenizer, scored[i])[1]
+                    kept = [t for t, (a, b) in enumerate(spans) if a < b]
+                    out[i][kept] = score.policy_rewards
+            result.set_result(out)
+
+        pending.add_done_callback(done)
+        return result
+
+    def _item(self, prompt: str, prompt_ids: Sequence[int], response: list[int]) -> Item:
+        if self.sends_ids:
+            return Item.tokens(prompt_ids, response)
+        text, offsets = decoded_with_offsets(self.tokenizer, response)
+        return Item.text(prompt, text, policy_offsets=[(a, b) for a, b in offsets if a < b])

@@ -1,0 +1,74 @@
+"""`tokenrm ppo`: fine-grained (or sequence-level) PPO of a policy against a running server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tokenrm.client import RewardClient, RewardClientError
+from tokenrm.training.demo import cached_build, default_cache_dir, demo_checkpoint
+from tokenrm.training.ppo.policy import Policy
+from tokenrm.training.ppo.rewards import RewardSource, Send
+from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
+from tokenrm.training.ppo.trainer import LOG, PPOConfig, Trainer, open_run
+
+
+class PPOError(Exception):
+    """The run stopped; the message says why and what was kept."""
+
+
+def demo_policy(recipe: str = "demo", cache_dir: Path | None = None) -> Path:
+    """The SFT policy of `recipe`, built once on the demo reward model's tokenizer."""
+    rm = demo_checkpoint(cache_dir, "tiny" if recipe == "tiny" else "demo")
+    key = hashlib.sha256(json.dumps([SFT_RECIPES[recipe].to_dict(), rm.name]).encode())
+    return cached_build(cache_dir or default_cache_dir(), f"policy-{recipe}-{key.hexdigest()[:12]}",
+                        lambda out: train_sft(rm, SFT_RECIPES[recipe], out))
+
+
+@dataclass(frozen=True)
+class Connection:
+    urls: Sequence[str]              # grpc://host:port (default) or http://host:port; several ok
+    api_key: str | None = None
+    send: Send = "auto"
+    timeout_s: float = 600.0         # per scoring call, retries included (covers a restart)
+
+
+def progress_bar(total: int, done: int, enabled: bool) -> Progress:
+    bar = Progress(TextColumn("PPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), disable=not enabled)
+    bar.add_task("", total=total, completed=done)
+    return bar
+
+
+def describe(record: dict[str, Any]) -> str:
+    return (f"reward {record['rm_reward']:+.3f}  KL {record['kl']:.3f}  "
+            f"errors {record['oracle_error_rate']:.0%}  wait {record['reward_wait_share']:.0%}")
+
+
+def run_ppo(out: Path, config: PPOConfig, connection: Connection, policy_dir: Path | None,
+            resume: bool = False, progress: bool = True) -> Trainer:
+    """Train (or go on training) the run in `out`; returns the trainer at its last iteration."""
+    with RewardClient(connection.urls, api_key=connection.api_key,
+                      timeout_s=connection.timeout_s) as client:
+        def rewards(policy: Policy) -> RewardSource:
+            return RewardSource(client, policy.tokenizer, connection.send, connection.timeout_s)
+
+        try:
+            trainer = open_run(out, config, policy_dir, rewards, resume)
+            with progress_bar(trainer.config.iterations, trainer.iteration, progress) as bar:
+                def advance(record: dict[str, Any]) -> None:
+                    bar.update(bar.task_ids[0], advance=1, description=describe(record))
+
+                trainer.run(advance)
+        except RewardClientError as exc:
+            raise PPOError(
+                f"stopped: the reward server's answer cannot be used ({type(exc).__name__}: "
+                f"{exc}). Nothing from the failed iteration was trained on; {out / LOG} and "
+                f"the last checkpoint hold what came before (go on with --resume).") from exc
+    return trainer

@@ -1,0 +1,279 @@
+"""The PPO loop: rollouts scored by the server, r_t = rm_t - beta * KL_t, GAE, clipped updates.
+
+Each iteration samples `prompts_per_iteration` x `samples_per_prompt` rollouts in chunks of
+`generation_batch`; a chunk is sent for scoring as soon as it is generated, so the server
+scores one chunk while the policy generates the next. Every iteration appends one line to
+log.jsonl; the run directory holds a checkpoint that `resume` continues from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from tokenrm.training import synth
+from tokenrm.training.ppo import maths
+from tokenrm.training.ppo.policy import Policy
+from tokenrm.training.ppo.rewards import RewardSource
+from tokenrm.training.ppo.rollout import Batch, Sampling, response_outputs, sample
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["fine", "seq"]
+CHECKPOINT, LOG, CONFIG = "checkpoint", "log.jsonl", "config.json"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    mode: Mode = "fine"              # fine: a reward per token; seq: the total on the last token
+    iterations: int = 60
+    prompts_per_iteration: int = 16
+    samples_per_prompt: int = 4
+    generation_batch: int = 32       # rollouts generated (and sent for scoring) at once
+    sampling: Sampling = field(default_factory=Sampling)
+    beta: float = 0.05               # KL coefficient (the start value when adaptive)
+    kl_target: float | None = None   # per-sequence KL that an adaptive beta aims for
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2                # policy ratio clip
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    epochs: int = 4                  # passes over each iteration's rollouts
+    minibatch: int = 16              # rollouts per optimiser step
+    lr: float = 5e-5
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    prompt_seed: int = 3             # the world the training prompts come from
+    save_every: int = 10             # iterations between checkpoints (and at the end)
+
+    @property
+    def rollouts_per_iteration(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PPOConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known} | {
+            "sampling": Sampling(**d["sampling"])})
+
+
+def training_prompts(seed: int, iteration: int, n: int) -> list[str]:
+    """The prompts of one iteration: a function of the seed and the iteration alone, so that a
+    resumed run sees what an uninterrupted one would."""
+    rng = random.Random(seed * 1_000_003 + iteration)
+    world = synth.make_world(random.Random(seed), 4000)
+    return [synth.make_prompt(rng, rng.choice(world)) for _ in range(n)]
+
+
+def oracle_errors(prompt: str, response: str) -> int:
+    """The task's oracle: errors in the response, plus one if it answers nothing right."""
+    return len(synth.judge(prompt, response)) + (synth.correct_facts(prompt, response) == 0)
+
+
+@dataclass
+class Rollouts:
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]
+    rm: list[np.ndarray]             # per response token, EOS included
+    generate_s: float = 0.0
+    wait_s: float = 0.0              # blocked on rewards after the last chunk was generated
+    seconds: float = 0.0
+
+
+class Trainer:
+    def __init__(self, policy: Policy, reference: Policy, rewards: RewardSource,
+                 config: PPOConfig, out: Path) -> None:
+        self.policy, self.reference, self.rewards, self.config = policy, reference, rewards, config
+        self.out = out
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
+        self.kl = maths.KLController(config.beta, config.kl_target)
+        self.iteration = 0
+
+    # --- rollouts ---------------------------------------------------------------------
+
+    def rollouts(self) -> Rollouts:
+        c, tok = self.config, self.policy.tokenizer
+        started = time.perf_counter()
+        prompts = [p for p in training_prompts(c.prompt_seed, self.iteration,
+                                                c.prompts_per_iteration)
+                   for _ in range(c.samples_per_prompt)]
+        prompt_ids = [list(tok(p)["input_ids"]) for p in prompts]
+        responses: list[list[int]] = []
+        pending = []
+        generate_s = 0.0
+        self.policy.eval()
+        for start in range(0, len(prompts), c.generation_batch):
+            t = time.perf_counter()
+            chunk = sample(self.policy, prompt_ids[start:start + c.generation_batch], c.sampling)
+            generate_s += time.perf_counter() - t
+            pending.append(self.rewards.submit(prompts[start:start + len(chunk)],
+                                               prompt_ids[start:start + len(chunk)], chunk))
+            responses += chunk
+        t = time.perf_counter()
+        rm = [r for future in pending for r in future.result()]
+        wait_s = time.perf_counter() - t
+        return Rollouts(prompts, prompt_ids, responses, rm, generate_s, wait_s,
+                        time.perf_counter() - started)
+
+    # --- the update -------------------------------------------------------------------
+
+    def step(self) -> dict[str, Any]:
+        """One iteration: rollouts, rewards, advantages, PPO epochs. Returns its log record."""
+        c = self.config
+        torch.manual_seed(c.seed * 1_000_003 + self.iteration)
+        ro = self.rollouts()
+        started = time.perf_counter()
+        batch = Batch.of(ro.prompt_ids, ro.responses, self.policy.tokenizer.pad_token_id)
+        mask = batch.response_mask
+        rm = torch.zeros_like(mask)
+        for i, r in enumerate(ro.rm):
+            rm[i, :len(r)] = torch.from_numpy(r)
+        with torch.no_grad():
+            old_logprobs, old_values, _ = response_outputs(self.policy, batch,
+                                                           c.sampling.temperature)
+            ref_logprobs, _, _ = response_outputs(self.reference, batch, c.sampling.temperature)
+        placed = rm if c.mode == "fine" else maths.sequence_level(rm, mask)
+        rewards, kl = maths.kl_penalized(placed, old_logprobs, ref_logprobs, mask, self.kl.beta)
+        advantages, returns = maths.gae(rewards, old_values * mask, mask, c.gamma, c.lam)
+        advantages = maths.whiten(advantages, mask)
+        stats = self._epochs(batch, old_logprobs, old_values, advantages, returns)
+        kl_per_sequence = float(kl.sum(dim=1).mean())
+        beta = self.kl.beta
+        self.kl.update(kl_per_sequence, len(ro.responses))
+        self.iteration += 1
+        texts = [self.policy.tokenizer.decode(r, skip_special_tokens=True) for r in ro.responses]
+        errors = [oracle_errors(p, t) for p, t in zip(ro.prompts, texts, strict=True)]
+        return {
+            "iteration": self.iteration,
+            "rollouts": self.iteration * c.rollouts_per_iteration,
+            "rm_reward": float(np.mean([r.sum() for r in ro.rm])),
+            "kl": kl_per_sequence, "beta": beta, **stats,
+            "oracle_error_rate": float(np.mean([e > 0 for e in errors])),
+            "oracle_errors": float(np.mean(errors)),
+            "response_tokens": float(mask.sum(dim=1).mean()),
+            "rollout_s": ro.seconds, "generate_s": ro.generate_s,
+            "reward_wait_share": ro.wait_s / ro.seconds,
+            "update_s": time.perf_counter() - started,
+        }
+
+    def _epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor,
+                advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        c = self.config
+        mask = batch.response_mask
+        totals: dict[str, list[float]] = {k: [] for k in
+                                          ("policy_loss", "value_loss", "entropy",
+                                           "clip_fraction", "approx_kl")}
+        self.policy.train()
+        for _ in range(c.epochs):
+            order = torch.randperm(len(mask))
+            for start in range(0, len(mask), c.minibatch):
+                rows = order[start:start + c.minibatch]
+                mb = batch.select(rows)
+                logprobs, values, logits = response_outputs(self.policy, mb,
+                                                            c.sampling.temperature)
+                m = mask[rows]
+                pl = maths.policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip)
+                vl = maths.value_loss(values, old_values[rows], returns[rows], m, c.value_clip)
+                self.optimizer.zero_grad()
+                (pl.loss + c.value_coef * vl).backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    totals["entropy"].append(float(maths.entropy(logits, m)))
+                totals["policy_loss"].append(pl.loss.item())
+                totals["value_loss"].append(vl.item())
+                totals["clip_fraction"].append(pl.clip_fraction)
+                totals["approx_kl"].append(pl.approx_kl)
+        self.policy.eval()
+        return {k: float(np.mean(v)) for k, v in totals.items()}
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the checkpoint next to the old one, then swap: a crash leaves one intact."""
+        target = self.out / CHECKPOINT
+        staging = self.out / f".{CHECKPOINT}-new"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.policy.save(staging)
+        torch.save({"optimizer": self.optimizer.state_dict(), "beta": self.kl.beta,
+                    "iteration": self.iteration}, staging / "trainer.pt")
+        old = self.out / f".{CHECKPOINT}-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self) -> None:
+        state = torch.load(self.out / CHECKPOINT / "trainer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl.beta, self.iteration = state["beta"], state["iteration"]
+
+    def run(self, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Iterate up to config.iterations, logging each and checkpointing as configured."""
+        c = self.config
+        with (self.out / LOG).open("a") as log_file:
+            while self.iteration < c.iterations:
+                try:
+                    record = self.step()
+                except BaseException:  # keep every finished iteration, then stop
+                    if self.iteration % c.save_every:
+                        self.save()
+                    raise
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if self.iteration % c.save_every == 0 or self.iteration == c.iterations:
+                    self.save()
+                if on_iteration:
+                    on_iteration(record)
+
+
+def trim_log(path: Path, iterations: int) -> None:
+    """Keep the log lines of the first `iterations` iterations (those a checkpoint holds)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line and json.loads(line)["iteration"] <= iterations]
+    path.write_text("".join(f"{line}\n" for line in lines))
+
+
+def open_run(out: Path, config: PPOConfig, policy_dir: Path | None,
+             rewards: Callable[[Policy], RewardSource], resume: bool) -> Trainer:
+    """A trainer for a new run in `out` (which must not hold one) starting from the policy in
+    `policy_dir`, or, with `resume`, for the run saved in `out` (its own config and policy; only
+    `config.iterations` is taken from the caller)."""
+    saved = out / CHECKPOINT
+    if resume:
+        if not saved.exists():
+            raise FileNotFoundError(f"{out}: no checkpoint to resume from")
+        stored = json.loads((out / CONFIG).read_text())
+        config = PPOConfig.from_dict(stored | {"iterations": config.iterations})
+        policy = Policy.load(saved)
+        reference = Policy.load(Path(stored["policy"])).frozen_copy()
+        trainer = Trainer(policy, reference, rewards(policy), config, out)
+        trainer.restore()
+        trim_log(out / LOG, trainer.iteration)
+        return trainer
+    if policy_dir is None:
+        raise ValueError("a new run needs the starting policy")
+    if (out / LOG).exists() or saved.exists():
+        raise FileExistsError(f"{out}: holds a run already; resume it or choose another --out")
+    policy = Policy.load(policy_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps({**config.to_dict(), "policy": str(policy_dir)},
+                                         indent=2) + "\n")
+    return Trainer(policy, policy.frozen_copy(), rewards(policy), config, out)
