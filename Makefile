@@ -56,3 +56,12 @@ docker-lint: | $(PY)
 bench: install
 	$(PY) bench/serve_bench.py
 	$(PY) bench/serve_bench.py --items-per-request 1
+
+# Fine-grained vs sequence-level PPO over 3 seeds against a local demo server
+# The runs go to runs/fine-vs-seq/; the table, plot and numbers are copied to bench/results/.
+.PHONY: experiment
+experiment: install
+	rm -rf runs/fine-vs-seq
+	$(VENV)/bin/tokenrm experiment fine-vs-seq --out runs/fine-vs-seq
+	cp runs/fine-vs-seq/fine-vs-seq.md runs/fine-vs-seq/fine-vs-seq.png bench/results/
+	cp runs/fine-vs-seq/results.json bench/results/fine-vs-seq.json

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 DEFAULT_SERVER = "grpc://127.0.0.1:50051"
 
@@ -82,7 +82,7 @@ def _score(args: argparse.Namespace) -> None:
         raise SystemExit(130) from None
 
 
-def _ppo_config(args: argparse.Namespace, mode: str = "fine") -> Any:
+def _ppo_config(args: argparse.Namespace, mode: Literal["fine", "seq"] = "fine") -> Any:
     from tokenrm.training.ppo.rollout import Sampling
     from tokenrm.training.ppo.trainer import PPOConfig
 

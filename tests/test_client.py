@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from tests.faulty_proxy import FaultyProxy
-from tokenrm.server.process import Running, free_port, serve, start, stop
 from tokenrm.client import (
     AsyncRewardClient,
     AuthenticationError,
@@ -37,6 +36,7 @@ from tokenrm.client import (
     RewardClient,
     ServerError,
 )
+from tokenrm.server.process import Running, free_port, serve, start, stop
 from tokenrm.training import synth
 
 TIMEOUT = 30.0

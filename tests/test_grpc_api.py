@@ -22,9 +22,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tokenrm.server.process import Running, serve
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
+from tokenrm.server.process import Running, serve
 from tokenrm.training import synth
 
 TIMEOUT = 30.0

@@ -14,13 +14,13 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
-from tokenrm.server.process import free_port, serve
 from tokenrm.client.score_view import (
     most_negative,
     render_response,
     render_table,
     reward_style,
 )
+from tokenrm.server.process import free_port, serve
 
 RESPONSE = "Ana lives in Lima."
 OFFSETS = [[0, 3], [3, 9], [9, 12], [12, 17], [17, 18]]

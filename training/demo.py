@@ -55,7 +55,7 @@ def build_checkpoint(out: Path, preset: Preset, progress: bool = True) -> None:
                     metrics["pairwise_accuracy"] or 0.0, WARN_BELOW_PAIRWISE)
 
 
-def cached_build(root: Path, name: str, build: Callable[[Path], None]) -> Path:
+def cached_build(root: Path, name: str, build: Callable[[Path], object]) -> Path:
     """root/name, made first by `build(directory)` if it is not there yet.
 
     Concurrent callers wait on a lock; a build that fails leaves nothing behind.

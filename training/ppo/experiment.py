@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenrm.client import RewardClient
 from tokenrm.training import synth
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.rewards import RewardSource
 from tokenrm.training.ppo.rollout import Sampling, sample
 from tokenrm.training.ppo.run import Connection, describe
-from tokenrm.client import RewardClient
-from tokenrm.training.ppo.trainer import Mode, PPOConfig, oracle_errors, open_run
+from tokenrm.training.ppo.trainer import Mode, PPOConfig, open_run, oracle_errors
 
 log = logging.getLogger(__name__)
 MODES: tuple[Mode, ...] = ("fine", "seq")

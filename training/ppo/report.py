@@ -8,8 +8,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 PAPER_GAIN = 5.1  # Xu et al. (2024): fine-grained over sequence-level PPO, win-rate points
 NAMES = {"fine": "fine-grained", "seq": "sequence-level"}
@@ -52,7 +52,8 @@ def table(result: dict[str, Any]) -> str:
             f"| {NAMES[mode]} | {_spread([f['win_rate'] for f in finals])} | "
             + ", ".join(f"{f['win_rate']:.3f}" for f in finals)
             + f" | {_spread([f['errors'] for f in finals])} | "
-            f"{_spread([f['facts'] for f in finals])} | {np.mean([f['tokens'] for f in finals]):.1f} | "
+            f"{_spread([f['facts'] for f in finals])} | "
+            f"{np.mean([f['tokens'] for f in finals]):.1f} | "
             f"{np.mean([f['kl'] for f in finals]):.2f} | "
             f"{np.mean([f['rm_reward'] for f in finals]):+.3f} |")
     if {"fine", "seq"} <= runs.keys():

@@ -62,7 +62,7 @@ class RewardSource:
         def done(f: Future[list[ItemScore]]) -> None:
             try:
                 scores = f.result()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
+            except BaseException as exc:
                 result.set_exception(exc)
                 return
             out = [np.zeros(len(r), dtype=np.float32) for r in responses]

@@ -16,7 +16,7 @@ from tokenrm.training.demo import cached_build, default_cache_dir, demo_checkpoi
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.rewards import RewardSource, Send
 from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
-from tokenrm.training.ppo.trainer import LOG, PPOConfig, Trainer, open_run
+from tokenrm.training.ppo.trainer import CHECKPOINT, LOG, PPOConfig, Trainer, open_run
 
 
 class PPOError(Exception):
@@ -37,6 +37,7 @@ class Connection:
     api_key: str | None = None
     send: Send = "auto"
     timeout_s: float = 600.0         # per scoring call, retries included (covers a restart)
+    connect_timeout_s: float = 30.0  # for the first contact (the model's info) at start
 
 
 def progress_bar(total: int, done: int, enabled: bool) -> Progress:
@@ -56,11 +57,20 @@ def run_ppo(out: Path, config: PPOConfig, connection: Connection, policy_dir: Pa
     """Train (or go on training) the run in `out`; returns the trainer at its last iteration."""
     with RewardClient(connection.urls, api_key=connection.api_key,
                       timeout_s=connection.timeout_s) as client:
+        try:
+            client.model_info(connection.connect_timeout_s)
+        except RewardClientError as exc:
+            raise PPOError(f"cannot use the reward server at {', '.join(connection.urls)}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
         def rewards(policy: Policy) -> RewardSource:
             return RewardSource(client, policy.tokenizer, connection.send, connection.timeout_s)
 
         try:
             trainer = open_run(out, config, policy_dir, rewards, resume)
+        except (ValueError, OSError) as exc:  # a wrong --send, a used or empty --out
+            raise PPOError(str(exc)) from exc
+        try:
             with progress_bar(trainer.config.iterations, trainer.iteration, progress) as bar:
                 def advance(record: dict[str, Any]) -> None:
                     bar.update(bar.task_ids[0], advance=1, description=describe(record))
@@ -68,7 +78,8 @@ def run_ppo(out: Path, config: PPOConfig, connection: Connection, policy_dir: Pa
                 trainer.run(advance)
         except RewardClientError as exc:
             raise PPOError(
-                f"stopped: the reward server's answer cannot be used ({type(exc).__name__}: "
-                f"{exc}). Nothing from the failed iteration was trained on; {out / LOG} and "
-                f"the last checkpoint hold what came before (go on with --resume).") from exc
+                f"stopped at iteration {trainer.iteration + 1}: the reward server's answer "
+                f"cannot be used ({type(exc).__name__}: {exc}). Nothing from that iteration was "
+                f"trained on; {out / LOG} and {out / CHECKPOINT} hold the {trainer.iteration} "
+                "iterations before it (go on with --resume).") from exc
     return trainer

@@ -51,7 +51,7 @@ def sft_examples(tokenizer: PreTrainedTokenizerBase, recipe: SFTRecipe
     for pair in synth.generate(recipe.data_seed, recipe.pairs):
         for response in (pair.rejected, pair.edited):
             enc = encode(tokenizer, pair.prompt, response)
-            ids = enc.input_ids + [tokenizer.eos_token_id]
+            ids = [*enc.input_ids, tokenizer.eos_token_id]
             if len(ids) <= recipe.max_len:
                 out.append((ids, len(enc.prompt_ids)))
     return out
