@@ -16,11 +16,7 @@ import argparse
 import itertools
 import json
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
@@ -39,6 +35,7 @@ from load import TRANSPORTS, Body, Row, Target, run_load, sequential_latency, to
 from tokenrm.server.app import available_cores, load_model
 from tokenrm.server.batching import padded_tokens, pick_batch
 from tokenrm.server.model import RewardModel
+from tokenrm.server.process import free_port, launch, stop
 from tokenrm.server.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -52,7 +49,6 @@ PROMPT_LEN = 16
 FIRST_ID = 3            # ids below are special tokens (pad, bos, eos)
 POOL_REQUESTS = 64      # distinct request bodies per mix; clients cycle through them
 READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -106,51 +102,17 @@ def make_rows(mix: Mix, vocab_size: int, n: int, seed: int) -> list[Row]:
 # ---------------------------------------------------------------- server processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def running(name: str, command: list[str], port: int, ready_path: str,
             grpc_port: int | None = None) -> Iterator[Target]:
     """Start a server listening on 127.0.0.1:`port`, wait until `ready_path` answers 200,
     yield where it listens, stop it."""
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_ready(name, proc, url + ready_path, log)
-            yield Target(url, None if grpc_port is None else f"127.0.0.1:{grpc_port}", proc.pid)
-        finally:
-            stop(proc)
-
-
-def _wait_ready(name: str, proc: subprocess.Popen[bytes], url: str, log: IO[str]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{name} not ready within {READY_TIMEOUT_S:g} s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then kill if it has not exited in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    url = f"http://127.0.0.1:{port}"
+    proc = launch(command, url + ready_path, name=name, timeout_s=READY_TIMEOUT_S)
     try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        yield Target(url, None if grpc_port is None else f"127.0.0.1:{grpc_port}", proc.pid)
+    finally:
+        stop(proc)
 
 
 def start_servers(stack: ExitStack, model: Path) -> dict[str, Target]:

@@ -36,30 +36,37 @@ class Running:
 
 def start(model: Path, port: int, grpc_port: int, env: dict[str, str] | None = None,
           timeout_s: float = 60.0) -> subprocess.Popen[str]:
-    """`tokenrm serve` on the given ports; returns once GET /readyz answers 200. Its output goes
-    to a temporary file (a pipe nobody reads would block it once full), shown if it dies."""
+    """`tokenrm serve` on the given ports; returns once GET /readyz answers 200."""
     cmd = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--model", str(model),
            "--port", str(port), "--grpc-port", str(grpc_port)]
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop())
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-    _LOGS[proc.pid] = log
     keys = (env or {}).get("TOKENRM_API_KEYS")
     headers = {"authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
+    return launch(cmd, f"http://127.0.0.1:{port}/readyz", name="tokenrm serve", env=env,
+                  headers=headers, timeout_s=timeout_s)
+
+
+def launch(command: list[str], ready_url: str, *, name: str = "server",
+           env: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+           timeout_s: float = 60.0) -> subprocess.Popen[str]:
+    """Start a server process; return once GET `ready_url` answers 200. Its output goes to a
+    temporary file (a pipe nobody reads would block it once full), shown if it dies."""
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop())
+    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    _LOGS[proc.pid] = log
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             log.seek(0)
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read()[-4000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers,
-                         timeout=1).status_code == 200:
+            if httpx.get(ready_url, headers=headers, timeout=1).status_code == 200:
                 return proc
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
             stop(proc)
-            raise TimeoutError(f"server not ready within {timeout_s} s")
+            raise TimeoutError(f"{name} not ready within {timeout_s} s")
         time.sleep(0.1)
 
 
