@@ -31,6 +31,8 @@ class RewardClient:
                                          items_per_request=items_per_request, retry=retry,
                                          root_certificates=root_certificates)
         self._closed = False
+        self._pending: set[Future[Any]] = set()   # submitted calls not done yet
+        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="tokenrm-client")
@@ -58,8 +60,13 @@ class RewardClient:
         return self._run(self._client.model_info(timeout_s))
 
     def close(self) -> None:
+        """Cancel the calls still running (their futures end cancelled), then disconnect."""
         if self._closed:
             return
+        with self._lock:
+            running = list(self._pending)
+        for future in running:
+            future.cancel()
         self._run(self._client.close())
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -73,4 +80,12 @@ class RewardClient:
         if self._closed:
             coroutine.close()
             raise RuntimeError("this RewardClient is closed")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)

@@ -14,14 +14,15 @@ def span_rewards(offsets: Sequence[tuple[int, int]], rewards: np.ndarray,
 
     `spans` are sorted, non-overlapping [start, end) character spans. A token whose last
     character lies in no span goes to the nearest span, so the total is always conserved; a
-    span that receives no token gets 0.
+    span that receives no token gets 0. A token with an empty offset (start, start) is
+    whitespace the tokenizer trimmed away from its offsets: its character is the one before.
     """
     out = np.zeros(len(spans), dtype=np.float64)
     if not spans:
         return out.astype(np.float32)
     starts = [s for s, _ in spans]
     for (start, end), reward in zip(offsets, rewards, strict=True):
-        last = max(end - 1, start)
+        last = end - 1 if end > start else max(start - 1, 0)
         i = bisect.bisect_right(starts, last) - 1  # the last span starting at or before it
         if i < 0:
             i = 0

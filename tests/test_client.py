@@ -353,6 +353,21 @@ def test_refusals_that_outlive_the_attempts_are_a_server_error(proxy: FaultyProx
     assert proxy.score_requests == 2
 
 
+def test_submit_returns_at_once_and_close_cancels_what_is_still_running(
+        proxy: FaultyProxy) -> None:
+    client = RewardClient(proxy.url, timeout_s=TIMEOUT)
+    client.model_info()
+    done = client.submit(ITEMS[:3])
+    assert len(done.result(timeout=TIMEOUT)) == 3
+    proxy.refuse(None, status=503, retry_after="1")  # retried until the deadline, 30 s away
+    started = time.monotonic()
+    stuck = client.submit(ITEMS[:3])
+    assert not stuck.done()
+    client.close()
+    assert stuck.cancelled()
+    assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_full_server_queue_is_retried_until_it_succeeds(server: Running, crowded: Running,
                                                           scheme: str) -> None:

@@ -17,11 +17,12 @@ import torch
 
 from tokenrm.client import RewardClient
 from tokenrm.training import synth
+from tokenrm.training.ppo.oracle import Verdict, preference, verdict
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.rewards import RewardSource
 from tokenrm.training.ppo.rollout import Sampling, sample
 from tokenrm.training.ppo.run import Connection, describe
-from tokenrm.training.ppo.trainer import Mode, PPOConfig, open_run, oracle_errors
+from tokenrm.training.ppo.trainer import Mode, PPOConfig, open_run
 
 log = logging.getLogger(__name__)
 MODES: tuple[Mode, ...] = ("fine", "seq")
@@ -43,17 +44,17 @@ def held_out_prompts(seed: int, n: int) -> list[str]:
 
 
 class Judge:
-    """Win rate of a policy's responses against the reference's on fixed held-out prompts:
-    fewer oracle errors wins, equal counts are ties (half a win). Sampling uses a fixed seed,
-    so the reference judged against itself scores exactly 0.5."""
+    """Win rate of a policy's responses against the reference's on fixed held-out prompts, by
+    the oracle's preference (see oracle.py; ties count half). Sampling uses a fixed seed, so the
+    reference judged against itself scores exactly 0.5."""
 
     def __init__(self, reference: Policy, prompts: list[str], sampling: Sampling,
                  seed: int) -> None:
         self.prompts, self.sampling, self.seed = prompts, sampling, seed
-        self.reference = self.judged(reference)
+        self.reference, self.reference_tokens = self.judged(reference)
 
-    def judged(self, policy: Policy, batch: int = 64) -> dict[str, np.ndarray]:
-        """Per prompt: oracle errors, correct facts stated, response tokens."""
+    def judged(self, policy: Policy, batch: int = 64) -> tuple[list[Verdict], np.ndarray]:
+        """The oracle's verdict on each prompt's response, and the responses' lengths."""
         torch.manual_seed(self.seed)
         tok = policy.tokenizer
         responses: list[list[int]] = []
@@ -61,16 +62,25 @@ class Judge:
             ids = [list(tok(p)["input_ids"]) for p in self.prompts[start:start + batch]]
             responses += sample(policy, ids, self.sampling)
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-        pairs = list(zip(self.prompts, texts, strict=True))
-        return {"errors": np.array([oracle_errors(p, t) for p, t in pairs]),
-                "facts": np.array([synth.correct_facts(p, t) for p, t in pairs]),
-                "tokens": np.array([len(r) for r in responses])}
+        return ([verdict(p, t) for p, t in zip(self.prompts, texts, strict=True)],
+                np.array([len(r) for r in responses]))
 
     def evaluate(self, policy: Policy) -> dict[str, float]:
-        """Win rate against the reference, and the policy's mean errors, facts and tokens."""
-        mine, theirs = self.judged(policy), self.reference["errors"]
-        wins = (mine["errors"] < theirs).mean() + 0.5 * (mine["errors"] == theirs).mean()
-        return {"win_rate": float(wins), **{k: float(v.mean()) for k, v in mine.items()}}
+        """Win rate against the reference; mean errors, facts, answered share and tokens."""
+        mine, tokens = self.judged(policy)
+        return {"win_rate": float(np.mean([preference(m, r) for m, r in
+                                           zip(mine, self.reference, strict=True)])),
+                **summary(mine), "tokens": float(tokens.mean())}
+
+    def silent_win_rate(self) -> float:
+        """What a policy that says nothing would score: the bar an answer must clear."""
+        return float(np.mean([preference(Verdict(0, 0), r) for r in self.reference]))
+
+
+def summary(verdicts: Sequence[Verdict]) -> dict[str, float]:
+    return {"errors": float(np.mean([v.errors for v in verdicts])),
+            "facts": float(np.mean([v.facts for v in verdicts])),
+            "answered": float(np.mean([v.answered for v in verdicts]))}
 
 
 def run_experiment(out: Path, exp: Experiment, connection: Connection, policy_dir: Path
@@ -94,7 +104,9 @@ def run_experiment(out: Path, exp: Experiment, connection: Connection, policy_di
                                      policy_dir))
     result = {"config": {"ppo": exp.ppo.to_dict(), "seeds": list(exp.seeds),
                          "eval_every": exp.eval_every, "eval_prompts": exp.eval_prompts},
-              "reference": {k: float(v.mean()) for k, v in judge.reference.items()},
+              "reference": {**summary(judge.reference),
+                            "tokens": float(judge.reference_tokens.mean()),
+                            "silent_win_rate": judge.silent_win_rate()},
               "runs": runs, "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     from tokenrm.training.ppo.report import plot, table  # matplotlib only when reporting

@@ -38,13 +38,16 @@ def table(result: dict[str, Any]) -> str:
         f"{ppo['prompts_per_iteration']} prompts x {ppo['samples_per_prompt']} samples), "
         f"seeds {result['config']['seeds']}, beta {ppo['beta']}, lr {ppo['lr']}. "
         f"Win rate: against the SFT policy on {result['config']['eval_prompts']} held-out "
-        "prompts, by the task's oracle (fewer errors wins, ties count half). The SFT policy "
-        f"makes {ref['errors']:.2f} oracle errors and states {ref['facts']:.2f} correct facts "
-        f"per response ({ref['tokens']:.1f} tokens).",
+        "prompts, by the task's oracle: a response that states a correct fact about the person "
+        "beats one that does not; otherwise fewer errors wins; ties count half. The SFT policy "
+        f"makes {ref['errors']:.2f} errors per response, states {ref['facts']:.2f} correct "
+        f"facts, answers {ref['answered']:.0%} of prompts ({ref['tokens']:.1f} tokens). A policy "
+        f"that said nothing would score {ref['silent_win_rate']:.3f}.",
         "",
-        "| mode | win rate (mean ± sd over seeds) | per seed | oracle errors per response "
-        "| correct facts per response | response tokens | final KL | final RM reward |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | win rate (mean ± sd over seeds) | per seed | errors per response "
+        "| correct facts per response | answered | response tokens | final KL "
+        "| final RM reward |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, mode_runs in runs.items():
         finals = [r["final"] for r in mode_runs]
@@ -53,6 +56,7 @@ def table(result: dict[str, Any]) -> str:
             + ", ".join(f"{f['win_rate']:.3f}" for f in finals)
             + f" | {_spread([f['errors'] for f in finals])} | "
             f"{_spread([f['facts'] for f in finals])} | "
+            f"{np.mean([f['answered'] for f in finals]):.0%} | "
             f"{np.mean([f['tokens'] for f in finals]):.1f} | "
             f"{np.mean([f['kl'] for f in finals]):.2f} | "
             f"{np.mean([f['rm_reward'] for f in finals]):+.3f} |")

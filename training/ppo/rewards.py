@@ -8,8 +8,9 @@ reward per policy token; a final EOS (which the reward model never sees) gets 0.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Literal
 
 import numpy as np
@@ -58,25 +59,31 @@ class RewardSource:
         items = [self._item(prompts[i], prompt_ids[i], scored[i]) for i in wanted]
         result: Future[list[np.ndarray]] = Future()
         pending = self.client.submit(items, timeout_s=self.timeout_s)
+        result.add_done_callback(lambda f: pending.cancel() if f.cancelled() else None)
 
         def done(f: Future[list[ItemScore]]) -> None:
-            try:
-                scores = f.result()
-            except BaseException as exc:
-                result.set_exception(exc)
-                return
-            out = [np.zeros(len(r), dtype=np.float32) for r in responses]
-            for i, score in zip(wanted, scores, strict=True):
-                if self.sends_ids:
-                    out[i][:len(scored[i])] = score.rewards
-                else:  # tokens with an empty span were not sent and keep 0
-                    spans = decoded_with_offsets(self.tokenizer, scored[i])[1]
-                    kept = [t for t, (a, b) in enumerate(spans) if a < b]
-                    out[i][kept] = score.policy_rewards
-            result.set_result(out)
+            with contextlib.suppress(InvalidStateError):  # the caller cancelled `result`
+                try:
+                    aligned = self._aligned(responses, scored, wanted, f.result())
+                except BaseException as exc:  # handed to the caller, who waits on `result`
+                    result.set_exception(exc)
+                    return
+                result.set_result(aligned)
 
         pending.add_done_callback(done)
         return result
+
+    def _aligned(self, responses: Sequence[Sequence[int]], scored: list[list[int]],
+                 wanted: list[int], scores: list[ItemScore]) -> list[np.ndarray]:
+        out = [np.zeros(len(r), dtype=np.float32) for r in responses]
+        for i, score in zip(wanted, scores, strict=True):
+            if self.sends_ids:
+                out[i][:len(scored[i])] = score.rewards
+            else:  # tokens with an empty span were not sent and keep 0
+                spans = decoded_with_offsets(self.tokenizer, scored[i])[1]
+                kept = [t for t, (a, b) in enumerate(spans) if a < b]
+                out[i][kept] = score.policy_rewards
+        return out
 
     def _item(self, prompt: str, prompt_ids: Sequence[int], response: list[int]) -> Item:
         if self.sends_ids:

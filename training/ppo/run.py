@@ -80,6 +80,6 @@ def run_ppo(out: Path, config: PPOConfig, connection: Connection, policy_dir: Pa
             raise PPOError(
                 f"stopped at iteration {trainer.iteration + 1}: the reward server's answer "
                 f"cannot be used ({type(exc).__name__}: {exc}). Nothing from that iteration was "
-                f"trained on; {out / LOG} and {out / CHECKPOINT} hold the {trainer.iteration} "
-                "iterations before it (go on with --resume).") from exc
+                f"trained on; {out / CHECKPOINT} holds the run after iteration "
+                f"{trainer.iteration} and {out / LOG} its log (go on with --resume).") from exc
     return trainer

@@ -23,6 +23,7 @@ import torch
 
 from tokenrm.training import synth
 from tokenrm.training.ppo import maths
+from tokenrm.training.ppo.oracle import verdict
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.rewards import RewardSource
 from tokenrm.training.ppo.rollout import Batch, Sampling, response_outputs, sample
@@ -78,11 +79,6 @@ def training_prompts(seed: int, iteration: int, n: int) -> list[str]:
     return [synth.make_prompt(rng, rng.choice(world)) for _ in range(n)]
 
 
-def oracle_errors(prompt: str, response: str) -> int:
-    """The task's oracle: errors in the response, plus one if it answers nothing right."""
-    return len(synth.judge(prompt, response)) + (synth.correct_facts(prompt, response) == 0)
-
-
 @dataclass
 class Rollouts:
     prompts: list[str]
@@ -116,16 +112,21 @@ class Trainer:
         pending = []
         generate_s = 0.0
         self.policy.eval()
-        for start in range(0, len(prompts), c.generation_batch):
+        try:
+            for start in range(0, len(prompts), c.generation_batch):
+                t = time.perf_counter()
+                chunk = sample(self.policy, prompt_ids[start:start + c.generation_batch],
+                               c.sampling)
+                generate_s += time.perf_counter() - t
+                pending.append(self.rewards.submit(prompts[start:start + len(chunk)],
+                                                   prompt_ids[start:start + len(chunk)], chunk))
+                responses += chunk
             t = time.perf_counter()
-            chunk = sample(self.policy, prompt_ids[start:start + c.generation_batch], c.sampling)
-            generate_s += time.perf_counter() - t
-            pending.append(self.rewards.submit(prompts[start:start + len(chunk)],
-                                               prompt_ids[start:start + len(chunk)], chunk))
-            responses += chunk
-        t = time.perf_counter()
-        rm = [r for future in pending for r in future.result()]
-        wait_s = time.perf_counter() - t
+            rm = [r for future in pending for r in future.result()]
+            wait_s = time.perf_counter() - t
+        finally:  # after a failure, no scoring call is left running
+            for future in pending:
+                future.cancel()
         return Rollouts(prompts, prompt_ids, responses, rm, generate_s, wait_s,
                         time.perf_counter() - started)
 
@@ -156,14 +157,15 @@ class Trainer:
         self.kl.update(kl_per_sequence, len(ro.responses))
         self.iteration += 1
         texts = [self.policy.tokenizer.decode(r, skip_special_tokens=True) for r in ro.responses]
-        errors = [oracle_errors(p, t) for p, t in zip(ro.prompts, texts, strict=True)]
+        verdicts = [verdict(p, t) for p, t in zip(ro.prompts, texts, strict=True)]
         return {
             "iteration": self.iteration,
             "rollouts": self.iteration * c.rollouts_per_iteration,
             "rm_reward": float(np.mean([r.sum() for r in ro.rm])),
             "kl": kl_per_sequence, "beta": beta, **stats,
-            "oracle_error_rate": float(np.mean([e > 0 for e in errors])),
-            "oracle_errors": float(np.mean(errors)),
+            "oracle_error_rate": float(np.mean([v.errors > 0 for v in verdicts])),
+            "oracle_errors": float(np.mean([v.errors for v in verdicts])),
+            "oracle_answered": float(np.mean([v.answered for v in verdicts])),
             "response_tokens": float(mask.sum(dim=1).mean()),
             "rollout_s": ro.seconds, "generate_s": ro.generate_s,
             "reward_wait_share": ro.wait_s / ro.seconds,
@@ -231,7 +233,7 @@ class Trainer:
                 try:
                     record = self.step()
                 except BaseException:  # keep every finished iteration, then stop
-                    if self.iteration % c.save_every:
+                    if self.iteration % c.save_every or not (self.out / CHECKPOINT).exists():
                         self.save()
                     raise
                 log_file.write(json.dumps(record) + "\n")
