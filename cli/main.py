@@ -48,6 +48,8 @@ def _eval_rm(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
     from tokenrm.server.main import run
     from tokenrm.server.model import ModelLoadError
     from tokenrm.server.settings import Settings
@@ -55,7 +57,13 @@ def _serve(args: argparse.Namespace) -> None:
     given = {"model": args.model, "host": args.host, "http_port": args.port,
              "grpc_port": args.grpc_port}
     try:
-        run(Settings(**{k: v for k, v in given.items() if v is not None}))
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:  # one line per bad setting, named as the user sets it
+        problems = [(f"TOKENRM_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
+                    + e["msg"].removeprefix("Value error, ") for e in exc.errors()]
+        raise SystemExit("tokenrm serve: invalid settings: " + "; ".join(problems)) from None
+    try:
+        run(settings)
     except ModelLoadError as exc:
         raise SystemExit(f"tokenrm serve: {exc}") from None
 

@@ -69,5 +69,8 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(k.strip() for k in value.split(",") if k.strip())
+            keys = tuple(k.strip() for k in value.split(",") if k.strip())
+            if value and not keys:  # set, yet no key: serving open would surprise its author
+                raise ValueError("set, but holds no key; unset it to serve without keys")
+            return keys
         return value

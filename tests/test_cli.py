@@ -49,3 +49,16 @@ def test_train_rm_from_the_command_line(data_dir: Path, tmp_path: Path, capsys) 
     summary = json.loads(printed[printed.rindex('{\n  "checkpoint"'):])
     assert summary["checkpoint"] == str(out) and summary["pairs"] == 40
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] > 0
+
+
+def test_invalid_server_settings_are_one_line_each_not_a_traceback(tmp_path: Path) -> None:
+    env = {"TOKENRM_API_KEYS": " , ", "TOKENRM_MAX_QUEUE_ITEMS": "lots", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "tokenrm.cli.main", "serve", "--model",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("tokenrm serve: invalid settings: ")
+    # A key list with no key would otherwise serve without authentication.
+    assert "TOKENRM_API_KEYS: set, but holds no key" in line
+    assert "TOKENRM_MAX_QUEUE_ITEMS: Input should be a valid integer" in line
