@@ -79,6 +79,10 @@ class EngineLimits:
     overhead_tokens: float = math.inf     # a forward's fixed cost in tokens (see pick_batch)
 
 
+# A request is refused when the queue ahead of it would take more than this share of its time.
+ADMIT_SHARE = 0.5
+
+
 class ScoringEngine:
     """Owns the model and the queue. Use as `async with ScoringEngine(...) as engine`."""
 
@@ -92,6 +96,9 @@ class ScoringEngine:
         self._loop_task: asyncio.Task[None] | None = None
         self._accepting = False
         self._forward_s_ewma = 0.05       # seconds per batch, for retry hints
+        self._token_s: float | None = None  # wall seconds per cost token, all workers (EWMA)
+        self._last_done: float | None = None  # time.monotonic() of the last finished batch
+        self._busy_at_last_done = False       # whether work was waiting or running then
 
     async def __aenter__(self) -> ScoringEngine:
         self._loop_task = asyncio.create_task(self._run(), name="tokenrm-batcher")
@@ -131,9 +138,26 @@ class ScoringEngine:
         batches = max(1.0, self.queued / self.limits.max_batch_size)
         return round(min(30.0, max(0.1, batches * self._forward_s_ewma)), 2)
 
-    async def score(self, rows: Sequence[Row], timeout_s: float) -> list[np.ndarray]:
-        """Rewards for each row's response tokens, in order. Raises Overloaded, Unavailable,
-        DeadlineExceeded; nothing is computed for a caller that has gone away."""
+    def expected_wait_s(self, rows: Sequence[Row] = ()) -> float:
+        """About how long until the queue, and then `rows`, are scored: their tokens plus each
+        batch's fixed cost, at the measured speed of the forward threads. 0 until measured."""
+        if self._token_s is None:
+            return 0.0
+        ahead = [w for batch in self._running.values() for w in batch]  # counted whole
+        lengths = [len(w.row.input_ids) for w in ahead + self._waiting if not w.gone]
+        lengths += [len(r.input_ids) for r in rows]
+        return self._cost(lengths) * self._token_s
+
+    def _cost(self, lengths: Sequence[int]) -> float:
+        """Tokens plus each forward's fixed cost, in tokens, of scoring rows of `lengths`."""
+        batches = max(len(lengths) / self.limits.max_batch_size,
+                      sum(lengths) / self.limits.max_batch_tokens, 1.0 if lengths else 0.0)
+        overhead = 0.0 if math.isinf(self.limits.overhead_tokens) else self.limits.overhead_tokens
+        return sum(lengths) + batches * overhead
+
+    def admit(self, timeout_s: float, rows: Sequence[Row] = ()) -> None:
+        """Raise Unavailable or Overloaded now, rather than accept work that cannot be scored
+        before its deadline or does not fit in the queue."""
         if not self._accepting:
             raise Unavailable("not accepting work (starting, or draining to shut down)",
                               retry_after_s=1.0)
@@ -142,6 +166,17 @@ class ScoringEngine:
             self.metrics.refused.inc()
             raise Overloaded(f"queue full ({queued} items waiting, limit "
                              f"{self.limits.max_queue_items})", retry_after_s=self.retry_after_s())
+        wait = self.expected_wait_s(rows)
+        if wait > ADMIT_SHARE * timeout_s:
+            self.metrics.refused.inc()
+            raise Overloaded(f"the queue holds about {wait:.1f} s of work, more than this "
+                             f"request's {timeout_s:g} s allow",
+                             retry_after_s=round(min(30.0, max(0.1, wait - timeout_s / 2)), 2))
+
+    async def score(self, rows: Sequence[Row], timeout_s: float) -> list[np.ndarray]:
+        """Rewards for each row's response tokens, in order. Raises Overloaded, Unavailable,
+        DeadlineExceeded; nothing is computed for a caller that has gone away."""
+        self.admit(timeout_s, rows)
         request = _Request(asyncio.get_running_loop().create_future(), len(rows))
         deadline = time.monotonic() + timeout_s
         self._waiting.extend(_Waiting(r, request, i, deadline) for i, r in enumerate(rows))
@@ -175,9 +210,26 @@ class ScoringEngine:
 
             task.add_done_callback(done)
 
+    def _measure(self, started_at: float, padded: int) -> None:
+        """Update the engine's speed (wall seconds per cost token, all workers together) from a
+        finished batch: over the time since the previous batch finished if work was waiting
+        or running then (the engine was busy throughout), else over its own run time shared
+        by the workers."""
+        now = time.monotonic()
+        overhead = 0.0 if math.isinf(self.limits.overhead_tokens) else self.limits.overhead_tokens
+        cost = padded + overhead
+        if self._last_done is not None and self._busy_at_last_done:
+            sample = (now - self._last_done) / cost
+        else:
+            sample = (now - started_at) / cost / self.limits.workers
+        self._last_done = now
+        self._busy_at_last_done = len(self._running) > 1 or self.queued > 0
+        self._token_s = sample if self._token_s is None else 0.8 * self._token_s + 0.2 * sample
+
     async def _compute(self, batch: list[_Waiting]) -> None:
         """One forward pass; whatever goes wrong fails this batch's callers, not the loop."""
         started = time.perf_counter()
+        started_at = time.monotonic()
         try:
             rewards = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.model.score,
@@ -193,6 +245,7 @@ class ScoringEngine:
         seconds = time.perf_counter() - started
         self._forward_s_ewma = 0.8 * self._forward_s_ewma + 0.2 * seconds
         lengths = [len(w.row.input_ids) for w in batch]
+        self._measure(started_at, padded_tokens(lengths))
         self.metrics.observe_batch(len(batch), sum(lengths), padded_tokens(lengths), seconds)
         for w, r in zip(batch, rewards, strict=True):
             if not w.gone:

@@ -206,6 +206,7 @@ class RewardServicer:
             if remaining_s <= 0:
                 raise DeadlineExceeded("the call's deadline has passed")
             timeout_s = min(timeout_s, remaining_s)
+        self.state.service.admit(timeout_s)
         items = [item_from_proto(m) for m in request.items]
         results, tokens = await self.state.service.score(items, request.return_tokens, timeout_s)
         answer = pb.ScoreResponse(

@@ -121,6 +121,7 @@ async def metrics(state: State) -> Response:
                  "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}})
 async def score(request: Request, state: State) -> Response:
     started = time.perf_counter()
+    state.service.admit()
     body = await _read_body(request, state.settings.max_body_bytes)
     try:
         parsed = ScoreRequest.model_validate_json(body)

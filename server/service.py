@@ -58,6 +58,11 @@ class RewardService:
         self.engine, self.limits = engine, limits
         self.model = engine.model
 
+    def admit(self, timeout_s: float | None = None) -> None:
+        """Refuse now (Overloaded, Unavailable) when a request could not be scored in time,
+        before the caller's body is even parsed."""
+        self.engine.admit(timeout_s or self.limits.request_timeout_s)
+
     async def score(self, items: Sequence[ScoreItem], return_tokens: bool = False,
                     timeout_s: float | None = None) -> tuple[list[ItemScore], int]:
         """Score items in order; returns the results and the model input tokens used."""

@@ -169,6 +169,40 @@ def test_call_over_queue_limit_is_refused_at_once_with_retry_hint() -> None:
     asyncio.run(main())
 
 
+class SlowModel(FakeModel):
+    """Takes 1 ms per padded token, like a model whose speed the engine can measure."""
+
+    def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
+        time.sleep(0.001 * padded_tokens([len(ids) for ids, _ in rows]))
+        return super().score(rows)
+
+
+def test_work_that_cannot_finish_before_its_deadline_is_refused_at_once() -> None:
+    async def main() -> None:
+        model = SlowModel()
+        metrics = EngineMetrics()
+        async with make_engine(model, limits(max_batch_size=2), metrics) as engine:
+            assert engine.expected_wait_s() == 0.0  # nothing measured yet: nothing refused
+            warm = [make_row(1, 50)]
+            assert_rewards(await engine.score(warm, 10), warm)  # measures ~1 ms per token
+            backlog = [make_row(10 + i, 100) for i in range(8)]  # ~0.8 s of work
+            queued = asyncio.create_task(engine.score(backlog, 10))
+            await until(lambda: len(model.batches) == 2)  # its first batch is in the model
+            assert 0.3 < engine.expected_wait_s() < 2.0
+            started = time.monotonic()
+            with pytest.raises(Overloaded, match="s of work") as refused:
+                await engine.score([make_row(2, 5)], timeout_s=0.3)
+            assert time.monotonic() - started < 0.05  # at once, not at its deadline
+            assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 0
+            assert metrics.registry.get_sample_value("tokenrm_refused_total") == 1
+            patient = [make_row(3, 5)]
+            assert_rewards(await engine.score(patient, timeout_s=10), patient)
+            assert_rewards(await queued, backlog)
+        assert (2000, 2001, 2002, 2003, 2004) not in model.scored_ids()
+
+    asyncio.run(main())
+
+
 def test_call_exactly_filling_the_queue_is_accepted() -> None:
     async def main() -> None:
         model = FakeModel(held=True)
