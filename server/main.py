@@ -20,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tokenrm.server.app import create_app, load_model
+from tokenrm.server.http_protocol import BoundedHeadersProtocol
 from tokenrm.server.settings import Settings
 
 
@@ -64,6 +65,7 @@ def run(settings: Settings) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, load_model(settings), grpc=settings.grpc_port != 0)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="info",
+                            http=BoundedHeadersProtocol,
                             timeout_graceful_shutdown=math.ceil(settings.grace_s),
                             access_log=False)
     with _exit_zero_after_signals():
