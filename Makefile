@@ -65,3 +65,9 @@ experiment: install
 	$(VENV)/bin/tokenrm experiment fine-vs-seq --out runs/fine-vs-seq
 	cp runs/fine-vs-seq/fine-vs-seq.md runs/fine-vs-seq/fine-vs-seq.png bench/results/
 	cp runs/fine-vs-seq/results.json bench/results/fine-vs-seq.json
+
+# Load and soak: HTTP and gRPC together at twice the measured capacity for 60 s (bench/results/
+# soak.md); fails on a wrong reward, a 5xx, a hang past the deadline or growing server memory.
+.PHONY: soak
+soak: install
+	$(PY) bench/soak.py
