@@ -127,6 +127,14 @@ class ScoringEngine:
         """Refuse new work from now on (Unavailable); queued and running rows still complete."""
         self._accepting = False
 
+    def abandon_waiting(self) -> None:
+        """Fail the queued rows' callers with Unavailable (the server is going away); rows
+        already in the model still complete."""
+        for w in self._waiting:
+            w.request.fail(Unavailable("the server is shutting down before this request "
+                                       "could be scored", retry_after_s=1.0))
+        self._waiting = []
+
     @property
     def queued(self) -> int:
         """Rows waiting whose caller still waits for them."""

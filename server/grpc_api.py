@@ -269,7 +269,8 @@ def _refusing(handler: grpc.RpcMethodHandler, exc: ScoringError) -> grpc.RpcMeth
 @asynccontextmanager
 async def grpc_serving(state: ServerState) -> AsyncIterator[int]:
     """The gRPC server on settings.host:grpc_port for as long as the context lasts; yields the
-    bound port. On exit it is NOT_SERVING and in-flight calls get settings.grace_s to finish."""
+    bound port. On exit it is NOT_SERVING and in-flight calls get what is left of the grace
+    period (settings.grace_s from the first signal) to finish."""
     s = state.settings
     size = s.grpc_max_message_bytes
     interceptors = [KeyInterceptor(state.keys)] if state.keys.required else []
@@ -300,4 +301,4 @@ async def grpc_serving(state: ServerState) -> AsyncIterator[int]:
         yield port
     finally:
         await set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(s.grace_s)
+        await server.stop(state.grace_left_s())

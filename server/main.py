@@ -23,6 +23,8 @@ from tokenrm.server.app import create_app, load_model
 from tokenrm.server.http_protocol import BoundedHeadersProtocol
 from tokenrm.server.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server that also tells the engine and gRPC to drain on the first signal."""
@@ -37,12 +39,22 @@ class _DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First signal: drain. A second SIGINT: refuse the queued work now (503 /
+        UNAVAILABLE) and exit as soon as the batches in the model are done (uvicorn's own force
+        quit would cancel requests mid-answer, 500s, and skip the model's shutdown). A second
+        SIGTERM changes nothing."""
         state = getattr(self._app.state, "tokenrm", None)
         loop = self._loop
-        if not self.should_exit and state is not None and loop is not None:
-            # In a signal handler: schedule the drain on the loop, do not run it here.
+        if state is None or loop is None:
+            super().handle_exit(sig, frame)
+        elif self.should_exit and sig == signal.SIGINT:  # Ctrl-C twice: stop now
+            log.warning("second SIGINT: refusing the queued work and exiting")
+            loop.call_soon_threadsafe(state.engine.abandon_waiting)
+        elif self.should_exit:  # a repeated SIGTERM (some supervisors send several)
+            log.info("already draining")
+        else:  # in a signal handler: schedule the drain on the loop, do not run it here
             loop.call_soon_threadsafe(lambda: loop.create_task(state.drain()))
-        super().handle_exit(sig, frame)
+            super().handle_exit(sig, frame)
 
 
 @contextmanager

@@ -81,17 +81,28 @@ class RewardModel:
             raise ModelLoadError(f"{path}: not a checkpoint directory (no config.json)")
         try:
             config = AutoConfig.from_pretrained(path)
-            sequence = any(a.endswith("ForSequenceClassification")
-                           for a in (config.architectures or []))
-            auto = AutoModelForSequenceClassification if sequence else \
-                AutoModelForTokenClassification
-            model = auto.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
+        num_labels = config.num_labels
+        if num_labels not in RULES:
+            raise ModelLoadError(f"{path}: a reward head has 1, 2 or 3 labels, not {num_labels}")
+        sequence = any(a.endswith("ForSequenceClassification")
+                       for a in (config.architectures or []))
+        auto = AutoModelForSequenceClassification if sequence else AutoModelForTokenClassification
+        try:
+            model, loading = auto.from_pretrained(path, dtype=DTYPES[dtype],
+                                                  output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # any failure here (safetensors, config, tokenizer) means the same
             raise ModelLoadError(f"{path}: cannot load the checkpoint: {exc}") from exc
-        num_labels = model.config.num_labels
-        if num_labels not in RULES:
-            raise ModelLoadError(f"{path}: a reward head has 1, 2 or 3 labels, not {num_labels}")
+        untrained = sorted({str(k if isinstance(k, str) else k[0])
+                            for k in [*loading["missing_keys"], *loading["mismatched_keys"]]})
+        if untrained:  # transformers would fill them with random values: garbage rewards
+            raise ModelLoadError(
+                f"{path}: the checkpoint has no trained weights for {', '.join(untrained[:4])}"
+                f"{' ...' if len(untrained) > 4 else ''}; a base or policy model is not a reward "
+                "model (it needs its trained token- or sequence-classification head)")
+        model = model.to(device).eval()
         if sequence:  # HF pools a sequence head at the last token that is not the pad id
             model.config.pad_token_id = pad_id(tokenizer)
         vocab_size = model.get_input_embeddings().num_embeddings

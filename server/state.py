@@ -3,6 +3,8 @@ what to tell when it starts draining."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +14,9 @@ from tokenrm.server.metrics import EngineMetrics
 from tokenrm.server.model import RewardModel
 from tokenrm.server.service import RewardService
 from tokenrm.server.settings import Settings
+
+# Queued work still waiting this long before the grace period ends is refused, not cut.
+GRACE_MARGIN_S = 0.5
 
 
 @dataclass
@@ -28,8 +33,21 @@ class ServerState:
     def ready(self) -> bool:
         return self.engine.ready
 
+    drain_started: float | None = None   # time.monotonic() of the first signal
+
+    def grace_left_s(self) -> float:
+        """What is left of the grace period (all of it before a drain started)."""
+        if self.drain_started is None:
+            return self.settings.grace_s
+        return max(0.0, self.settings.grace_s - (time.monotonic() - self.drain_started))
+
     async def drain(self) -> None:
-        """Stop taking work (new requests: 503 / UNAVAILABLE); what is queued still runs."""
+        """Stop taking work (new requests: 503 / UNAVAILABLE); what is queued still runs, and
+        what is still queued shortly before the grace period ends is answered 503 /
+        UNAVAILABLE, before the HTTP server cancels its requests (which would answer 500)."""
+        self.drain_started = time.monotonic()
         self.engine.stop_accepting()
+        asyncio.get_running_loop().call_later(
+            max(0.0, self.settings.grace_s - GRACE_MARGIN_S), self.engine.abandon_waiting)
         for hook in self.on_drain:
             await hook()
