@@ -22,7 +22,8 @@ class AuthenticationError(RewardClientError):
 
 class ServerError(RewardClientError):
     """A refusal worth retrying (overloaded, unavailable, draining, unreachable) that outlived
-    the retries or the deadline; `retry_after_s` is the server's last hint, if any."""
+    the retries or the deadline, or a failure of the server itself (HTTP 500, gRPC INTERNAL);
+    `retry_after_s` is the server's last hint, if any."""
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)

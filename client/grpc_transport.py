@@ -8,14 +8,18 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tokenrm.client.errors import AuthenticationError, InputError
+from tokenrm.client.errors import AuthenticationError, InputError, ServerError
 from tokenrm.client.retry import Retryable
 from tokenrm.client.types import Item, ItemScore, Limits, ModelInfo
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
 
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-               grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+               grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+               grpc.StatusCode.CANCELLED}  # CANCELLED by the server: it stopped mid-call
+DOWN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+               grpc.StatusCode.FAILED_PRECONDITION}
 NOT_RETRIED_CODES = {"payload_too_large"}  # RESOURCE_EXHAUSTED that another try cannot fix
 
 
@@ -84,9 +88,11 @@ def _error(target: str, exc: grpc.aio.AioRpcError) -> Exception:
     if code in RETRY_CODES and trailing.get("tokenrm-error-code") not in NOT_RETRIED_CODES:
         after_ms = trailing.get("retry-after-ms")
         return Retryable(message, int(after_ms) / 1000 if after_ms else None,
-                         endpoint_down=code == grpc.StatusCode.UNAVAILABLE)
+                         endpoint_down=code in DOWN_CODES)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthenticationError(message)
+    if code not in INPUT_CODES and trailing.get("tokenrm-error-code") not in NOT_RETRIED_CODES:
+        return ServerError(message)  # INTERNAL, UNKNOWN, UNIMPLEMENTED, ...: not the input
     item = trailing.get("tokenrm-item")
     return InputError(message, int(item) if item is not None else None,
                       trailing.get("tokenrm-field"))

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tokenrm.client.errors import AuthenticationError, InputError
+from tokenrm.client.errors import AuthenticationError, InputError, ServerError
 from tokenrm.client.retry import Retryable
 from tokenrm.client.types import Item, ItemScore, Limits, ModelInfo
 
@@ -66,6 +66,8 @@ class HttpTransport:
                             endpoint_down=response.status_code not in BUSY_STATUSES)
         if response.status_code == 401:
             raise AuthenticationError(message)
+        if response.status_code >= 500:  # a failure of the server, not of the input
+            raise ServerError(message)
         raise InputError(message, error.get("item"), error.get("field"))
 
 

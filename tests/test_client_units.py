@@ -5,11 +5,23 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
 import numpy as np
 import pytest
 
-from tokenrm.client import Item, ItemScore, Limits, ModelInfo, ResultError, RetryPolicy
+from tokenrm.client import (
+    InputError,
+    Item,
+    ItemScore,
+    Limits,
+    ModelInfo,
+    ResultError,
+    RetryPolicy,
+    ServerError,
+)
 from tokenrm.client.async_client import AsyncRewardClient, _checked, make_transport
+from tokenrm.client.grpc_transport import _error as grpc_error
+from tokenrm.client.retry import Retryable
 
 
 def _info(items: int = 4, request_bytes: int = 1_000_000) -> ModelInfo:
@@ -64,3 +76,25 @@ def test_urls_pick_the_transport_and_bad_ones_are_refused() -> None:
     assert type(make_transport("grpc://h:1", None, None)).__name__ == "GrpcTransport"
     with pytest.raises(ValueError, match="http://, https://, grpc:// or grpcs://"):
         make_transport("ftp://h:1", None, None)
+
+
+def _rpc_error(code: grpc.StatusCode, **trailing: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(),
+                                grpc.aio.Metadata(*trailing.items()), details="why")
+
+
+def test_grpc_statuses_map_to_retries_server_errors_and_input_errors() -> None:
+    cancelled = grpc_error("t", _rpc_error(grpc.StatusCode.CANCELLED))  # the server stopped
+    assert isinstance(cancelled, Retryable) and cancelled.endpoint_down
+    busy = grpc_error("t", _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      **{"retry-after-ms": "250"}))
+    assert isinstance(busy, Retryable) and not busy.endpoint_down and busy.retry_after_s == 0.25
+    for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                 grpc.StatusCode.UNIMPLEMENTED):
+        assert isinstance(grpc_error("t", _rpc_error(code)), ServerError), code
+    bad = grpc_error("t", _rpc_error(grpc.StatusCode.INVALID_ARGUMENT, **{
+        "tokenrm-item": "3", "tokenrm-field": "response_ids"}))
+    assert isinstance(bad, InputError) and (bad.item, bad.field) == (3, "response_ids")
+    too_big = grpc_error("t", _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, **{
+        "tokenrm-error-code": "payload_too_large"}))
+    assert isinstance(too_big, InputError)  # another try cannot fix it
