@@ -142,17 +142,21 @@ class _GrpcStreamClient:
 # ---------------------------------------------------------------- the load
 
 
-async def scrape(url: str) -> dict[str, float]:
-    """The counters of /metrics (Prometheus text format) by name; none if it has no /metrics.
-    A new connection each time: an idle one would be closed by the server's keep-alive timeout."""
+async def metrics_text(url: str) -> str:
+    """GET /metrics (Prometheus text format); empty if the server has none. A new connection
+    each time: an idle one would be closed by the server's keep-alive timeout."""
     conn = Connection.to(url)
     try:
         status, body = await conn.send(conn.request("GET", "/metrics"))
     finally:
         conn.close()
-    if status != 200:
-        return {}
-    found = re.findall(r"^(tokenrm_\w+_total) ([0-9.eE+-]+)$", body.decode(), flags=re.MULTILINE)
+    return body.decode() if status == 200 else ""
+
+
+async def scrape(url: str) -> dict[str, float]:
+    """The unlabelled counters of /metrics by name."""
+    found = re.findall(r"^(tokenrm_\w+_total) ([0-9.eE+-]+)$", await metrics_text(url),
+                       flags=re.MULTILINE)
     return {name: float(value) for name, value in found}
 
 

@@ -52,8 +52,8 @@ import numpy as np
 import orjson
 import torch
 import uvloop
-from load import SCORE, Body, cpu_seconds, to_bodies
-from wire import Connection, WireError, _parse_head
+from load import SCORE, Body, cpu_seconds, metrics_text, to_bodies
+from wire import Connection, WireError
 
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.server.model import RewardModel
@@ -236,22 +236,9 @@ def _percentiles(ms: Sequence[float]) -> dict[str, float | None]:
 
 
 class _Conn(Connection):
-    """wire.Connection that also returns the response head (for Retry-After, Connection)."""
+    """wire.Connection that remembers when it was last used."""
 
     last_used = 0.0
-
-    async def exchange(self, request: bytes) -> tuple[int, bytes, bytes]:
-        if self._streams is None:
-            self._streams = await asyncio.open_connection(self.host, self.port)
-        reader, writer = self._streams
-        try:
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status, length = _parse_head(head)
-            return status, head, await reader.readexactly(length)
-        except BaseException:
-            self.close()
-            raise
 
 
 class HttpCaller:
@@ -385,15 +372,8 @@ async def sample_rss(pid: int, t0: float, samples: list[tuple[float, float]],
 
 async def server_counters(url: str) -> dict[str, float]:
     """tokenrm_requests_total by transport and code, and tokenrm_refused_total, from /metrics."""
-    conn = Connection.to(url)
-    try:
-        status, body = await conn.send(conn.request("GET", "/metrics"))
-    finally:
-        conn.close()
-    if status != 200:
-        return {}
     counters = {}
-    for line in body.decode().splitlines():
+    for line in (await metrics_text(url)).splitlines():
         m = re.match(r"^tokenrm_requests_total\{(.*)\} (\S+)$", line)
         if m:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m[1]))

@@ -38,6 +38,11 @@ class Connection:
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
         """Send pre-built request bytes; the status and the body. Reconnects when closed."""
+        status, _, body = await self.exchange(request)
+        return status, body
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes, bytes]:
+        """Like `send`, with the response head too (for Retry-After, Connection)."""
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams
@@ -45,7 +50,7 @@ class Connection:
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             status, length = _parse_head(head)
-            return status, await reader.readexactly(length)
+            return status, head, await reader.readexactly(length)
         except BaseException:
             self.close()
             raise
