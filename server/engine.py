@@ -95,7 +95,6 @@ class ScoringEngine:
                                             thread_name_prefix="tokenrm-forward")
         self._loop_task: asyncio.Task[None] | None = None
         self._accepting = False
-        self._forward_s_ewma = 0.05       # seconds per batch, for retry hints
         self._token_s: float | None = None  # wall seconds per cost token, all workers (EWMA)
         self._last_done: float | None = None  # time.monotonic() of the last finished batch
         self._busy_at_last_done = False       # whether work was waiting or running then
@@ -142,9 +141,8 @@ class ScoringEngine:
         return len(self._waiting)
 
     def retry_after_s(self) -> float:
-        """A hint for refused callers: about how long the queue takes to empty."""
-        batches = max(1.0, self.queued / self.limits.max_batch_size)
-        return round(min(30.0, max(0.1, batches * self._forward_s_ewma)), 2)
+        """A hint for refused callers: about how long the work queued now takes."""
+        return round(min(30.0, max(0.1, self.expected_wait_s())), 2)
 
     def expected_wait_s(self, rows: Sequence[Row] = ()) -> float:
         """About how long until the queue, and then `rows`, are scored: their tokens plus each
@@ -236,7 +234,6 @@ class ScoringEngine:
 
     async def _compute(self, batch: list[_Waiting]) -> None:
         """One forward pass; whatever goes wrong fails this batch's callers, not the loop."""
-        started = time.perf_counter()
         started_at = time.monotonic()
         try:
             rewards = await asyncio.get_running_loop().run_in_executor(
@@ -250,11 +247,11 @@ class ScoringEngine:
             for w in batch:
                 w.request.fail(exc)
             return
-        seconds = time.perf_counter() - started
-        self._forward_s_ewma = 0.8 * self._forward_s_ewma + 0.2 * seconds
         lengths = [len(w.row.input_ids) for w in batch]
-        self._measure(started_at, padded_tokens(lengths))
-        self.metrics.observe_batch(len(batch), sum(lengths), padded_tokens(lengths), seconds)
+        padded = padded_tokens(lengths)
+        self._measure(started_at, padded)
+        self.metrics.observe_batch(len(batch), sum(lengths), padded,
+                                   time.monotonic() - started_at)
         for w, r in zip(batch, rewards, strict=True):
             if not w.gone:
                 w.request.deliver(w.index, r)

@@ -53,10 +53,13 @@ class RewardSource:
                responses: Sequence[Sequence[int]]) -> Future[list[np.ndarray]]:
         """Rewards of each response (one per token, EOS included), when the future is done."""
         eos = self.tokenizer.eos_token_id
-        scored = [list(r[:-1]) if r and r[-1] == eos else list(r) for r in responses]
-        wanted = [i for i, ids in enumerate(scored)  # an empty response gets nothing
-                  if ids and (self.sends_ids or self.tokenizer.decode(ids))]
-        items = [self._item(prompts[i], prompt_ids[i], scored[i]) for i in wanted]
+        items, targets = [], []  # targets: (response, its tokens that the rewards go to)
+        for i, r in enumerate(responses):
+            ids = list(r[:-1]) if r and r[-1] == eos else list(r)
+            item, positions = self._item(prompts[i], prompt_ids[i], ids)
+            if positions:  # an empty response gets nothing
+                items.append(item)
+                targets.append((i, positions))
         result: Future[list[np.ndarray]] = Future()
         pending = self.client.submit(items, timeout_s=self.timeout_s)
         result.add_done_callback(lambda f: pending.cancel() if f.cancelled() else None)
@@ -64,7 +67,7 @@ class RewardSource:
         def done(f: Future[list[ItemScore]]) -> None:
             with contextlib.suppress(InvalidStateError):  # the caller cancelled `result`
                 try:
-                    aligned = self._aligned(responses, scored, wanted, f.result())
+                    aligned = self._aligned(responses, targets, f.result())
                 except BaseException as exc:  # handed to the caller, who waits on `result`
                     result.set_exception(exc)
                     return
@@ -73,20 +76,20 @@ class RewardSource:
         pending.add_done_callback(done)
         return result
 
-    def _aligned(self, responses: Sequence[Sequence[int]], scored: list[list[int]],
-                 wanted: list[int], scores: list[ItemScore]) -> list[np.ndarray]:
+    def _aligned(self, responses: Sequence[Sequence[int]],
+                 targets: list[tuple[int, list[int]]], scores: list[ItemScore]
+                 ) -> list[np.ndarray]:
         out = [np.zeros(len(r), dtype=np.float32) for r in responses]
-        for i, score in zip(wanted, scores, strict=True):
-            if self.sends_ids:
-                out[i][:len(scored[i])] = score.rewards
-            else:  # tokens with an empty span were not sent and keep 0
-                spans = decoded_with_offsets(self.tokenizer, scored[i])[1]
-                kept = [t for t, (a, b) in enumerate(spans) if a < b]
-                out[i][kept] = score.policy_rewards
+        for (i, positions), score in zip(targets, scores, strict=True):
+            out[i][positions] = score.rewards if self.sends_ids else score.policy_rewards
         return out
 
-    def _item(self, prompt: str, prompt_ids: Sequence[int], response: list[int]) -> Item:
+    def _item(self, prompt: str, prompt_ids: Sequence[int], response: list[int]
+              ) -> tuple[Item, list[int]]:
+        """The item to score, and the response tokens its rewards belong to (in text form,
+        a token with an empty span is not sent and keeps 0)."""
         if self.sends_ids:
-            return Item.tokens(prompt_ids, response)
+            return Item.tokens(prompt_ids, response), list(range(len(response)))
         text, offsets = decoded_with_offsets(self.tokenizer, response)
-        return Item.text(prompt, text, policy_offsets=[(a, b) for a, b in offsets if a < b])
+        kept = [t for t, (a, b) in enumerate(offsets) if a < b]
+        return Item.text(prompt, text, policy_offsets=[offsets[t] for t in kept]), kept

@@ -8,6 +8,7 @@ log.jsonl; the run directory holds a checkpoint that `resume` continues from.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -75,8 +76,14 @@ def training_prompts(seed: int, iteration: int, n: int) -> list[str]:
     """The prompts of one iteration: a function of the seed and the iteration alone, so that a
     resumed run sees what an uninterrupted one would."""
     rng = random.Random(seed * 1_000_003 + iteration)
-    world = synth.make_world(random.Random(seed), 4000)
+    world = _world(seed)
     return [synth.make_prompt(rng, rng.choice(world)) for _ in range(n)]
+
+
+@functools.cache
+def _world(seed: int) -> list[synth.Person]:
+    """The people training prompts ask about: made once per seed, not once per iteration."""
+    return synth.make_world(random.Random(seed), 4000)
 
 
 @dataclass
