@@ -1,11 +1,15 @@
-"""Shared fixtures: a tokenizer and a tiny trained checkpoint, built once per session."""
+"""Shared fixtures: a tokenizer and a tiny trained checkpoint, built once per session; a gRPC
+channel and stub to the `server` fixture of the module that asks for them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from tokenrm.proto import reward_pb2_grpc as pb_grpc
 from tokenrm.training import synth
 from tokenrm.training.data import write_pairs
 from tokenrm.training.presets import PRESETS
@@ -37,3 +41,14 @@ def tiny_trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Tr
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_trained: Trained) -> Path:
     return tiny_trained.path
+
+
+@pytest.fixture(scope="module")
+def channel(server) -> Iterator[grpc.Channel]:  # `server`: the requesting module's fixture
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.RewardServiceStub:
+    return pb_grpc.RewardServiceStub(channel)

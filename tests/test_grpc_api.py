@@ -129,17 +129,6 @@ def server(tiny_checkpoint: Path) -> Iterator[Running]:
 
 
 @pytest.fixture(scope="module")
-def channel(server: Running) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.grpc_target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def stub(channel: grpc.Channel) -> pb_grpc.RewardServiceStub:
-    return pb_grpc.RewardServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
 def slow(tiny_checkpoint: Path) -> Iterator[Running]:
     """A server whose batcher waits 1 s for a batch to fill: work stays queued that long."""
     with serve(tiny_checkpoint, env={"TOKENRM_MAX_WAIT_MS": "1000"}) as running:

@@ -113,17 +113,6 @@ def http(server: Target) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture(scope="module")
-def channel(server: Target) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.grpc_target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def stub(channel: grpc.Channel) -> pb_grpc.RewardServiceStub:
-    return pb_grpc.RewardServiceStub(channel)
-
-
 # ---------------------------------------------------------------- JSON with raw tokens
 
 
