@@ -48,6 +48,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cli/ cli/
 COPY client/ client/
+COPY core/ core/
 COPY proto/ proto/
 COPY server/ server/
 COPY training/ training/

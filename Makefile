@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # strict: a link tree that static tools resolve; new files need a re-link, which these rules do.
 EDITABLE := --config-settings editable_mode=strict
-SOURCES := $(shell find cli client proto server training -name "*.py" -o -name py.typed 2>/dev/null)
+SOURCES := $(shell find cli client core proto server training -name "*.py" -o -name py.typed 2>/dev/null)
 
 .PHONY: install serve test lint demo clean proto
 
@@ -32,7 +32,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.training -p tokenrm.server
+	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.core -p tokenrm.training -p tokenrm.server
 
 demo: install
 	$(VENV)/bin/tokenrm demo

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from tokenrm.training.scoring import row_rewards
+from tokenrm.core.scoring import row_rewards
 
 
 def create_app(path: Path) -> FastAPI:

@@ -20,11 +20,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tokenrm.core.encoding import Encoded, encode
+from tokenrm.core.reward_rule import POS_MINUS_NEG
+from tokenrm.core.scoring import Logits, row_rewards
+from tokenrm.core.tokenizer import fingerprint
 from tokenrm.server.tracing import traced_logits
-from tokenrm.training.encoding import Encoded, encode
-from tokenrm.training.reward_rule import POS_MINUS_NEG
-from tokenrm.training.scoring import Logits, row_rewards
-from tokenrm.training.tokenizer import fingerprint
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenrm.core.encoding import fit
+from tokenrm.core.spans import span_rewards
 from tokenrm.server.engine import Row, ScoringEngine
 from tokenrm.server.errors import InvalidInput
-from tokenrm.server.spans import span_rewards
-from tokenrm.training.encoding import fit
 
 
 @dataclass(frozen=True)

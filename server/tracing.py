@@ -17,7 +17,7 @@ import warnings
 import torch
 from transformers import PreTrainedModel
 
-from tokenrm.training.scoring import Logits, padded_batch
+from tokenrm.core.scoring import Logits, padded_batch
 
 log = logging.getLogger(__name__)
 EXAMPLE = (7, 5)                              # lengths of the batch the trace is recorded on

@@ -1,6 +1,6 @@
 """Encoding (prompt, response) like the server, and fitting it into the model's length."""
 
-from tokenrm.training.encoding import encode, fit
+from tokenrm.core.encoding import encode, fit
 
 
 def test_prompt_gets_bos_and_response_gets_nothing(tokenizer) -> None:

@@ -27,11 +27,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tests.faulty_proxy import FaultyProxy
 from tokenrm.client import Item, ResultError, RewardClient
+from tokenrm.core.spans import decoded_with_offsets
+from tokenrm.core.tokenizer import fingerprint
 from tokenrm.server.process import Running, free_port, serve, start, stop
 from tokenrm.training import synth
 from tokenrm.training.ppo.oracle import Verdict, preference, verdict
 from tokenrm.training.ppo.policy import Policy
-from tokenrm.training.ppo.rewards import RewardSource, Send, decoded_with_offsets
+from tokenrm.training.ppo.rewards import RewardSource, Send
 from tokenrm.training.ppo.rollout import Sampling
 from tokenrm.training.ppo.run import Connection, PPOError, run_ppo
 from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
@@ -44,7 +46,7 @@ from tokenrm.training.ppo.trainer import (
     training_prompts,
     trim_log,
 )
-from tokenrm.training.tokenizer import fingerprint, train_tokenizer
+from tokenrm.training.tokenizer import train_tokenizer
 
 TIMEOUT = 120.0  # generous: the machine may be busy with other work
 SMALL = PPOConfig(iterations=2, prompts_per_iteration=4, samples_per_prompt=2, generation_batch=4,

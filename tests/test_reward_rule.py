@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from tokenrm.core.reward_rule import token_rewards
 from tokenrm.training.model import ID2LABEL
-from tokenrm.training.reward_rule import token_rewards
 
 
 def test_three_labels_is_p_pos_minus_p_neg() -> None:

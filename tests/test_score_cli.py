@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
-from tokenrm.client.score_view import (
+from tokenrm.cli.score_view import (
     most_negative,
     render_response,
     render_table,

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from tokenrm.core.encoding import encode
+from tokenrm.core.reward_rule import token_rewards
 from tokenrm.server.process import serve
 from tokenrm.training import synth
-from tokenrm.training.encoding import encode
-from tokenrm.training.reward_rule import token_rewards
 
 
 def _direct(model, ids: list[int], n: int) -> np.ndarray:

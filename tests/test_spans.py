@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tokenrm.server.spans import span_rewards
+from tokenrm.core.spans import span_rewards
 
 
 def _r(*values: float) -> np.ndarray:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from tokenrm.core.scoring import score_texts
 from tokenrm.training import synth
 from tokenrm.training.labels import IGNORE, NEGATIVE, POSITIVE
-from tokenrm.training.scoring import score_texts
 from tokenrm.training.train import Trained, make_examples
 
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from sklearn.metrics import roc_auc_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokenrm.core.scoring import Scored, score_texts
 from tokenrm.training.data import ErrorSpan, Pair
 from tokenrm.training.labels import NEGATIVE, POSITIVE, edit_labels
-from tokenrm.training.scoring import Scored, score_texts
 
 FLAG_BELOW = -0.5  # a token is flagged as an error when its reward is below this
 

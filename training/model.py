@@ -12,9 +12,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tokenrm.core.reward_rule import POS_MINUS_NEG
 from tokenrm.training.labels import LABEL_NAMES
 from tokenrm.training.presets import Preset
-from tokenrm.training.reward_rule import POS_MINUS_NEG
 
 ID2LABEL = dict(enumerate(LABEL_NAMES))
 LABELS = {"num_labels": len(LABEL_NAMES), "id2label": ID2LABEL,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -30,12 +28,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     ])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
                                    pad_token=PAD)
-
-
-def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the vocabulary (token -> id) and the special tokens' ids: equal fingerprints
-    mean that token ids mean the same tokens, so two models can exchange ids."""
-    specials = {name: getattr(tokenizer, f"{name}_token_id", None)
-                for name in ("bos", "eos", "pad", "unk")}
-    text = json.dumps([sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), specials])
-    return hashlib.sha256(text.encode()).hexdigest()

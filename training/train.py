@@ -24,8 +24,8 @@ from transformers import (
     set_seed,
 )
 
+from tokenrm.core.encoding import encode, fit
 from tokenrm.training.data import Pair, load_pairs
-from tokenrm.training.encoding import encode, fit
 from tokenrm.training.evaluate import evaluate
 from tokenrm.training.labels import IGNORE, NEUTRAL, edit_labels
 from tokenrm.training.model import build_model

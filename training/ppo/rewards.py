@@ -17,22 +17,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from tokenrm.client import Item, ItemScore, RewardClient
-from tokenrm.training.tokenizer import fingerprint
+from tokenrm.core.spans import decoded_with_offsets
+from tokenrm.core.tokenizer import fingerprint
 
 Send = Literal["auto", "ids", "text"]
-
-
-def decoded_with_offsets(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]
-                         ) -> tuple[str, list[tuple[int, int]]]:
-    """The decoded text and each token's character span in it (empty for a token that only
-    completes a character started by the one before)."""
-    text, offsets = "", []
-    for n in range(1, len(ids) + 1):
-        longer = tokenizer.decode(ids[:n])
-        start = min(len(text), len(longer))
-        offsets.append((start, len(longer)))
-        text = longer
-    return text, offsets
 
 
 class RewardSource:

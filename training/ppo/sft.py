@@ -13,10 +13,10 @@ import torch
 from torch.nn import functional
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tokenrm.core.encoding import encode
+from tokenrm.core.scoring import padded_batch
 from tokenrm.training import synth
-from tokenrm.training.encoding import encode
 from tokenrm.training.ppo.policy import Policy, new_lm
-from tokenrm.training.scoring import padded_batch
 
 log = logging.getLogger(__name__)
 

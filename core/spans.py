@@ -1,9 +1,11 @@
-"""Rewards per caller span: align the RM's tokens to another tokenizer's character spans."""
+"""Alignment between tokenizers by character spans: a policy token's span in its decoded text,
+and the RM's rewards summed into such spans (torch-free)."""
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,3 +33,15 @@ def span_rewards(offsets: Sequence[tuple[int, int]], rewards: np.ndarray,
             i += 1  # in a gap, nearer to the next span
         out[i] += float(reward)
     return out.astype(np.float32)
+
+
+def decoded_with_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text and each token's character span in it (empty for a token that only
+    completes a character started by the one before)."""
+    text, offsets = "", []
+    for n in range(1, len(ids) + 1):
+        longer = tokenizer.decode(ids[:n])
+        start = min(len(text), len(longer))
+        offsets.append((start, len(longer)))
+        text = longer
+    return text, offsets

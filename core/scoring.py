@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenrm.training.encoding import encode, fit
-from tokenrm.training.reward_rule import token_rewards
+from tokenrm.core.encoding import encode, fit
+from tokenrm.core.reward_rule import token_rewards
 
 
 @dataclass(frozen=True)
