@@ -34,6 +34,7 @@ from load import TRANSPORTS, Body, Row, Target, run_load, sequential_latency, to
 
 from tokenrm.server.app import available_cores, load_model
 from tokenrm.server.batching import padded_tokens, pick_batch
+from tokenrm.server.calibration import overhead_tokens
 from tokenrm.server.model import RewardModel
 from tokenrm.server.process import free_port, launch, stop
 from tokenrm.server.settings import Settings
@@ -300,7 +301,7 @@ def run(args: argparse.Namespace, opts: Options) -> dict[str, Any]:
         agreement = check_agreement(mixes[-1], vocab_size, model, targets, opts)
         overhead = settings.batch_overhead_tokens
         if overhead is None:  # measured as the server measures it at start-up
-            overhead = model.overhead_tokens()
+            overhead = overhead_tokens(model)
         per_mix = {m.name: measure_mix(m, vocab_size, model, targets, settings, overhead, opts)
                    for m in mixes}
         transports = measure_transports(vocab_size, targets["server"], opts)

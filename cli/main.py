@@ -36,22 +36,23 @@ def _train_rm(args: argparse.Namespace) -> None:
 
 
 def _eval_rm(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
+    from tokenrm.server.model import ModelLoadError, RewardModel
     from tokenrm.training.data import load_pairs
     from tokenrm.training.evaluate import evaluate
 
-    model = AutoModelForTokenClassification.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    max_len = model.config.max_position_embeddings
-    print(json.dumps(evaluate(model, tokenizer, load_pairs(args.data), max_len), indent=2))
+    pairs = load_pairs(args.data)
+    try:  # any checkpoint the server serves: 1, 2 or 3 labels, token or sequence heads
+        model = RewardModel.load(args.model, trace=False)
+    except ModelLoadError as exc:
+        raise SystemExit(f"tokenrm eval-rm: {exc}") from None
+    print(json.dumps(evaluate(model.score_texts, pairs), indent=2))
 
 
 def _serve(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
-    from tokenrm.server.main import run
     from tokenrm.server.model import ModelLoadError
+    from tokenrm.server.serve import run
     from tokenrm.server.settings import Settings
 
     given = {"model": args.model, "host": args.host, "http_port": args.port,
@@ -62,6 +63,12 @@ def _serve(args: argparse.Namespace) -> None:
         problems = [(f"TOKENRM_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
                     + e["msg"].removeprefix("Value error, ") for e in exc.errors()]
         raise SystemExit("tokenrm serve: invalid settings: " + "; ".join(problems)) from None
+    if settings.model is None:  # the demo model, built and cached on first use
+        from tokenrm.training.demo import DEMO_NAME, demo_checkpoint
+
+        settings = settings.model_copy(update={
+            "model": demo_checkpoint(settings.cache_dir),
+            "model_name": settings.model_name or DEMO_NAME})
     try:
         run(settings)
     except ModelLoadError as exc:

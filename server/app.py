@@ -7,20 +7,18 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
 
 import torch
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
 from tokenrm.server.auth import KeyChecker
+from tokenrm.server.calibration import overhead_tokens
 from tokenrm.server.engine import EngineLimits, ScoringEngine
-from tokenrm.server.grpc_api import grpc_serving
+from tokenrm.server.grpc_server import grpc_serving
 from tokenrm.server.http_api import add_http_api
-from tokenrm.server.metrics import EngineMetrics
-from tokenrm.server.model import RewardModel
-from tokenrm.server.protocol import ScoreRequest
-from tokenrm.server.service import RewardService, ServiceLimits
+from tokenrm.server.metrics import EngineMetrics, RequestMetrics
+from tokenrm.server.model import ModelLoadError, RewardModel
+from tokenrm.server.service import Limits, RewardService
 from tokenrm.server.settings import Settings
 from tokenrm.server.state import ServerState
 
@@ -35,18 +33,14 @@ def available_cores() -> int:
 
 
 def load_model(settings: Settings) -> RewardModel:
-    """The configured checkpoint, or the demo model (built and cached on first use)."""
+    """The configured checkpoint (`tokenrm serve` resolves the demo model into settings.model
+    when none is given)."""
+    if settings.model is None:
+        raise ModelLoadError("no model: set TOKENRM_MODEL (or --model) to a checkpoint directory")
     _workers, threads = settings.parallelism(available_cores())
     torch.set_num_threads(threads)
-    if settings.model is not None:
-        path = settings.model
-    else:
-        from tokenrm.training.demo import demo_checkpoint
-
-        path = demo_checkpoint(settings.cache_dir)
-    name = settings.model_name or ("demo-token-rm" if settings.model is None else None)
-    return RewardModel.load(path, name=name, device=settings.device, dtype=settings.dtype,
-                            trace=settings.trace)
+    return RewardModel.load(settings.model, name=settings.model_name, device=settings.device,
+                            dtype=settings.dtype, trace=settings.trace)
 
 
 @asynccontextmanager
@@ -56,15 +50,20 @@ async def serving(settings: Settings, model: RewardModel) -> AsyncIterator[Serve
     workers, _threads = settings.parallelism(available_cores())
     overhead = settings.batch_overhead_tokens
     if overhead is None:
-        overhead = await asyncio.to_thread(model.overhead_tokens)
+        overhead = await asyncio.to_thread(overhead_tokens, model)
         log.info("a forward pass costs about %.0f tokens of compute beyond its tokens", overhead)
-    limits = EngineLimits(settings.max_batch_tokens, settings.max_batch_size,
-                          settings.max_wait_ms, settings.max_queue_items, workers, overhead)
-    async with ScoringEngine(model, limits, metrics) as engine:
-        max_tokens = min(settings.max_tokens_per_item or model.info.max_len, model.info.max_len)
-        service = RewardService(engine, ServiceLimits(
-            settings.max_items_per_request, max_tokens, settings.request_timeout_s))
-        yield ServerState(settings, model, engine, service, metrics, KeyChecker(settings.api_keys))
+    engine_limits = EngineLimits(settings.max_batch_tokens, settings.max_batch_size,
+                                 settings.max_wait_ms, settings.max_queue_items, workers, overhead)
+    limits = Limits(
+        max_items_per_request=settings.max_items_per_request,
+        max_tokens_per_item=min(settings.max_tokens_per_item or model.info.max_len,
+                                model.info.max_len),
+        request_timeout_s=settings.request_timeout_s, max_body_bytes=settings.max_body_bytes,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        max_batch_tokens=settings.max_batch_tokens)
+    async with ScoringEngine(model, engine_limits, metrics) as engine:
+        service = RewardService(engine, limits, RequestMetrics(metrics.registry))
+        yield ServerState(settings, service, KeyChecker(settings.api_keys), metrics.registry)
 
 
 def create_app(settings: Settings, model: RewardModel | None = None, *,
@@ -90,18 +89,4 @@ def create_app(settings: Settings, model: RewardModel | None = None, *,
                   description="Per-token rewards from a token-level reward model.",
                   openapi_url=None if settings.api_keys else "/openapi.json")
     add_http_api(app)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus ScoreRequest, which /score parses itself (for speed and limits)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                             description=app.description)
-        request = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(request.pop("$defs", {}))
-        components["ScoreRequest"] = request
-        app.openapi_schema = schema
-    return app.openapi_schema

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tokenrm.server.batching import padded_tokens, pick_batch
-from tokenrm.server.errors import DeadlineExceeded, Overloaded, Unavailable
+from tokenrm.server.errors import DeadlineExceeded, Overloaded, Unavailable, retry_hint_s
 from tokenrm.server.metrics import EngineMetrics
 from tokenrm.server.model import RewardModel
+from tokenrm.server.speed import Speed
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,8 @@ class ScoringEngine:
                                             thread_name_prefix="tokenrm-forward")
         self._loop_task: asyncio.Task[None] | None = None
         self._accepting = False
-        self._token_s: float | None = None  # wall seconds per cost token, all workers (EWMA)
-        self._last_done: float | None = None  # time.monotonic() of the last finished batch
-        self._busy_at_last_done = False       # whether work was waiting or running then
+        self.speed = Speed(limits.workers, limits.overhead_tokens, limits.max_batch_size,
+                           limits.max_batch_tokens)
 
     async def __aenter__(self) -> ScoringEngine:
         self._loop_task = asyncio.create_task(self._run(), name="tokenrm-batcher")
@@ -137,52 +137,46 @@ class ScoringEngine:
     @property
     def queued(self) -> int:
         """Rows waiting whose caller still waits for them."""
-        self._waiting = [w for w in self._waiting if not w.gone]
-        return len(self._waiting)
+        return sum(not w.gone for w in self._waiting)
 
     def retry_after_s(self) -> float:
         """A hint for refused callers: about how long the work queued now takes."""
-        return round(min(30.0, max(0.1, self.expected_wait_s())), 2)
+        return retry_hint_s(self.expected_wait_s())
 
-    def expected_wait_s(self, rows: Sequence[Row] = ()) -> float:
-        """About how long until the queue, and then `rows`, are scored: their tokens plus each
-        batch's fixed cost, at the measured speed of the forward threads. 0 until measured."""
-        if self._token_s is None:
-            return 0.0
+    def expected_wait_s(self) -> float:
+        """About how long until the work queued and running now is scored: its tokens plus
+        each batch's fixed cost, at the measured speed of the forward threads. 0 until
+        measured."""
         ahead = [w for batch in self._running.values() for w in batch]  # counted whole
-        lengths = [len(w.row.input_ids) for w in ahead + self._waiting if not w.gone]
-        lengths += [len(r.input_ids) for r in rows]
-        return self._cost(lengths) * self._token_s
+        return self.speed.seconds([len(w.row.input_ids) for w in ahead + self._waiting
+                                   if not w.gone])
 
-    def _cost(self, lengths: Sequence[int]) -> float:
-        """Tokens plus each forward's fixed cost, in tokens, of scoring rows of `lengths`."""
-        batches = max(len(lengths) / self.limits.max_batch_size,
-                      sum(lengths) / self.limits.max_batch_tokens, 1.0 if lengths else 0.0)
-        overhead = 0.0 if math.isinf(self.limits.overhead_tokens) else self.limits.overhead_tokens
-        return sum(lengths) + batches * overhead
+    def admit(self, timeout_s: float) -> None:
+        """Raise Unavailable or Overloaded now, rather than accept a request that cannot be
+        scored before its deadline: called once per request, before its body is read."""
+        self._check_accepting()
+        wait = self.expected_wait_s()
+        if wait > ADMIT_SHARE * timeout_s:
+            self.metrics.refused.inc()
+            raise Overloaded(f"the queue holds about {wait:.1f} s of work, more than this "
+                             f"request's {timeout_s:g} s allow",
+                             retry_after_s=wait - timeout_s / 2)
 
-    def admit(self, timeout_s: float, rows: Sequence[Row] = ()) -> None:
-        """Raise Unavailable or Overloaded now, rather than accept work that cannot be scored
-        before its deadline or does not fit in the queue."""
+    def _check_accepting(self) -> None:
         if not self._accepting:
             raise Unavailable("not accepting work (starting, or draining to shut down)",
                               retry_after_s=1.0)
+
+    async def score(self, rows: Sequence[Row], timeout_s: float) -> list[np.ndarray]:
+        """Rewards for each row's response tokens, in order. Raises Overloaded, Unavailable,
+        DeadlineExceeded; nothing is computed for a caller that has gone away. The queue is
+        bounded: rows that would overflow it are refused at once (Overloaded)."""
+        self._check_accepting()
         queued = self.queued
         if queued + len(rows) > self.limits.max_queue_items:
             self.metrics.refused.inc()
             raise Overloaded(f"queue full ({queued} items waiting, limit "
                              f"{self.limits.max_queue_items})", retry_after_s=self.retry_after_s())
-        wait = self.expected_wait_s(rows)
-        if wait > ADMIT_SHARE * timeout_s:
-            self.metrics.refused.inc()
-            raise Overloaded(f"the queue holds about {wait:.1f} s of work, more than this "
-                             f"request's {timeout_s:g} s allow",
-                             retry_after_s=round(min(30.0, max(0.1, wait - timeout_s / 2)), 2))
-
-    async def score(self, rows: Sequence[Row], timeout_s: float) -> list[np.ndarray]:
-        """Rewards for each row's response tokens, in order. Raises Overloaded, Unavailable,
-        DeadlineExceeded; nothing is computed for a caller that has gone away."""
-        self.admit(timeout_s, rows)
         request = _Request(asyncio.get_running_loop().create_future(), len(rows))
         deadline = time.monotonic() + timeout_s
         self._waiting.extend(_Waiting(r, request, i, deadline) for i, r in enumerate(rows))
@@ -216,22 +210,6 @@ class ScoringEngine:
 
             task.add_done_callback(done)
 
-    def _measure(self, started_at: float, padded: int) -> None:
-        """Update the engine's speed (wall seconds per cost token, all workers together) from a
-        finished batch: over the time since the previous batch finished if work was waiting
-        or running then (the engine was busy throughout), else over its own run time shared
-        by the workers."""
-        now = time.monotonic()
-        overhead = 0.0 if math.isinf(self.limits.overhead_tokens) else self.limits.overhead_tokens
-        cost = padded + overhead
-        if self._last_done is not None and self._busy_at_last_done:
-            sample = (now - self._last_done) / cost
-        else:
-            sample = (now - started_at) / cost / self.limits.workers
-        self._last_done = now
-        self._busy_at_last_done = len(self._running) > 1 or self.queued > 0
-        self._token_s = sample if self._token_s is None else 0.8 * self._token_s + 0.2 * sample
-
     async def _compute(self, batch: list[_Waiting]) -> None:
         """One forward pass; whatever goes wrong fails this batch's callers, not the loop."""
         started_at = time.monotonic()
@@ -249,7 +227,7 @@ class ScoringEngine:
             return
         lengths = [len(w.row.input_ids) for w in batch]
         padded = padded_tokens(lengths)
-        self._measure(started_at, padded)
+        self.speed.observe(started_at, padded, busy=len(self._running) > 1 or self.queued > 0)
         self.metrics.observe_batch(len(batch), sum(lengths), padded,
                                    time.monotonic() - started_at)
         for w, r in zip(batch, rewards, strict=True):
@@ -259,7 +237,10 @@ class ScoringEngine:
     async def _fill_or_wait(self) -> None:
         """Give a batch that is not yet full up to max_wait_ms, counted from its oldest row
         whose caller still waits, to fill; stop waiting as soon as it is full."""
-        while 0 < self.queued < self.limits.max_batch_size:
+        while True:
+            self._waiting = [w for w in self._waiting if not w.gone]
+            if not 0 < len(self._waiting) < self.limits.max_batch_size:
+                return
             remaining = self.limits.max_wait_ms / 1000 - (time.monotonic()
                                                          - self._waiting[0].queued_at)
             if remaining <= 0:

@@ -1,13 +1,20 @@
-"""Domain errors of the scoring service, one hierarchy; the adapters map them to statuses."""
+"""Domain errors of the scoring service, one hierarchy. They know no transport: each adapter
+maps `code` to its own statuses, beside itself (http_errors.py, grpc_messages.py)."""
 
 from __future__ import annotations
+
+MAX_RETRY_AFTER_S = 30.0
+
+
+def retry_hint_s(seconds: float) -> float:
+    """A retry hint as callers are told it: within [0.1, 30] s, rounded to 10 ms."""
+    return round(min(MAX_RETRY_AFTER_S, max(0.1, seconds)), 2)
 
 
 class ScoringError(Exception):
     """Base of every error a caller can be told about. `code` is stable and machine-readable."""
 
     code = "internal"
-    http_status = 500
 
     def __init__(self, message: str, *, item: int | None = None, field: str | None = None,
                  retry_after_s: float | None = None) -> None:
@@ -15,42 +22,60 @@ class ScoringError(Exception):
         self.message = message
         self.item = item          # index of the offending item in the request, if one is at fault
         self.field = field        # the offending field, e.g. "response_ids"
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = None if retry_after_s is None else retry_hint_s(retry_after_s)
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        return None if self.retry_after_s is None else max(1, round(self.retry_after_s * 1000))
+
+    @property
+    def retry_after_whole_s(self) -> int | None:
+        """The hint in whole seconds, at least 1 (HTTP's Retry-After takes no fractions)."""
+        return None if self.retry_after_s is None else max(1, round(self.retry_after_s))
 
 
 class BadRequest(ScoringError):
-    """The body is not a request: not JSON, not UTF-8, not an object."""
+    """The body is not a request: not JSON, not UTF-8, not an object, not a valid message."""
 
-    code, http_status = "bad_request", 400
+    code = "bad_request"
 
 
 class InvalidInput(ScoringError):
     """A field breaks the schema or a limit; the message names the item, field and limit."""
 
-    code, http_status = "invalid_input", 422
+    code = "invalid_input"
 
 
 class Unauthenticated(ScoringError):
-    code, http_status = "unauthenticated", 401
+    code = "unauthenticated"
 
 
 class PayloadTooLarge(ScoringError):
-    code, http_status = "payload_too_large", 413
+    """A body, message or answer over its size limit."""
+
+    code = "payload_too_large"
+
+
+class HeadersTooLarge(ScoringError):
+    """An HTTP request line and headers over their size limit."""
+
+    code = "headers_too_large"
 
 
 class Overloaded(ScoringError):
-    """The queue is full; try again after `retry_after_s`."""
+    """The queue is full, or holds more work than the request's time allows; try again after
+    `retry_after_s`."""
 
-    code, http_status = "overloaded", 429
+    code = "overloaded"
 
 
 class Unavailable(ScoringError):
     """Not ready yet, or draining; try again after `retry_after_s`."""
 
-    code, http_status = "unavailable", 503
+    code = "unavailable"
 
 
 class DeadlineExceeded(ScoringError):
     """The request's time ran out before its items were scored; they were not computed."""
 
-    code, http_status = "deadline_exceeded", 503
+    code = "deadline_exceeded"

@@ -2,43 +2,30 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from tokenrm.server import http_schema as schema
 from tokenrm.server.errors import BadRequest, InvalidInput, PayloadTooLarge, ScoringError
-from tokenrm.server.protocol import (
-    ErrorResponse,
-    Limits,
-    ModelInfoResponse,
-    ScoreRequest,
-    ScoreResponse,
-)
-from tokenrm.server.service import ItemScore, ScoreItem
+from tokenrm.server.http_errors import STATUS, error_response
+from tokenrm.server.items import ItemScore, ScoreItem
+from tokenrm.server.service import ScoreAnswer, ScoreRequest
 from tokenrm.server.state import ServerState
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503)}
+    code: {"model": schema.ErrorResponse} for code in sorted(set(STATUS.values()) - {431})}
 
 
 def _json(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
                     media_type="application/json", headers=headers)
-
-
-def error_response(exc: ScoringError) -> Response:
-    body = {"code": exc.code, "message": exc.message, "item": exc.item, "field": exc.field}
-    headers = {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    if exc.http_status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return _json({"error": body}, exc.http_status, headers)
 
 
 async def _state(request: Request) -> ServerState:  # async: no thread hop
@@ -53,17 +40,30 @@ async def _authorized(request: Request, state: State) -> None:
     state.keys.check(request.headers.get("authorization"))
 
 
-def _item_from_json(item: Any) -> ScoreItem:
-    return ScoreItem(prompt=item.prompt, response=item.response, prompt_ids=item.prompt_ids,
-                     response_ids=item.response_ids,
-                     spans=None if item.spans is None else [tuple(s) for s in item.spans])
+# ---------------------------------------------------------------- JSON <-> service types
 
 
-def _result_to_json(r: ItemScore, return_tokens: bool) -> dict[str, Any]:
+def request_from_json(body: bytes) -> ScoreRequest:
+    try:
+        parsed = schema.ScoreRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    return ScoreRequest([ScoreItem(prompt=i.prompt, response=i.response, prompt_ids=i.prompt_ids,
+                                   response_ids=i.response_ids,
+                                   spans=None if i.spans is None else [(s[0], s[1]) for s in i.spans])
+                         for i in parsed.items], parsed.return_tokens)
+
+
+def _result_json(r: ItemScore, return_tokens: bool) -> dict[str, Any]:
     return {"rewards": r.rewards, "total": r.total, "token_ids": r.token_ids,
-            "tokens": r.tokens,
-            "offsets": r.offsets if return_tokens else None,
+            "tokens": r.tokens, "offsets": r.offsets if return_tokens else None,
             "span_rewards": r.span_rewards}
+
+
+def answer_json(request: ScoreRequest, answer: ScoreAnswer) -> Response:
+    return _json({"model": answer.model,
+                  "results": [_result_json(r, request.return_tokens) for r in answer.results],
+                  "usage": {"items": len(answer.results), "tokens": answer.tokens}})
 
 
 def _invalid(exc: ValidationError) -> ScoringError:
@@ -78,6 +78,8 @@ def _invalid(exc: ValidationError) -> ScoringError:
     return InvalidInput(f"{where or 'body'}: {err['msg']}", item=item, field=field)
 
 
+# ---------------------------------------------------------------- routes
+
 router = APIRouter()
 
 
@@ -89,54 +91,38 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Model loaded and queue accepting",
             dependencies=[Depends(_authorized)], responses=_ERRORS)
 async def readyz(state: State) -> Response:
-    if not state.ready:
+    if not state.service.ready:
         return _json({"status": "not ready"}, 503, {"Retry-After": "1"})
-    return _json({"status": "ready", "queued": state.engine.queued})
+    return _json({"status": "ready", "queued": state.service.engine.queued})
 
 
-@router.get("/v1/model", response_model=ModelInfoResponse, responses=_ERRORS,
+@router.get("/v1/model", response_model=schema.ModelInfoResponse, responses=_ERRORS,
             dependencies=[Depends(_authorized)], summary="The model and the server's limits")
-async def model_info(state: State) -> ModelInfoResponse:
-    info, s = state.model.info, state.settings
-    return ModelInfoResponse(
-        name=info.name, kind=info.kind, labels=list(info.labels), reward_rule=info.reward_rule,
-        tokenizer=info.tokenizer, tokenizer_sha256=info.tokenizer_sha256,
-            vocab_size=info.vocab_size, max_len=info.max_len,
-        dtype=info.dtype, device=info.device,
-        limits=Limits(max_items_per_request=s.max_items_per_request,
-                      max_tokens_per_item=state.service.limits.max_tokens_per_item,
-                      max_body_bytes=s.max_body_bytes, max_batch_tokens=s.max_batch_tokens))
+async def model_info(state: State) -> schema.ModelInfoResponse:
+    info = state.service.info()
+    return schema.ModelInfoResponse(**asdict(info.model), limits=schema.Limits(
+        **asdict(info.limits)))
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(_authorized)],
             summary="Prometheus metrics", responses=_ERRORS)
 async def metrics(state: State) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/score", response_model=ScoreResponse, responses=_ERRORS,
+@router.post("/score", response_model=schema.ScoreResponse, responses=_ERRORS,
              dependencies=[Depends(_authorized)],
              summary="Rewards for every response token of each item",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}})
 async def score(request: Request, state: State) -> Response:
-    started = time.perf_counter()
-    state.service.admit()
-    body = await _read_body(request, state.settings.max_body_bytes)
-    try:
-        parsed = ScoreRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise _invalid(exc) from None
-    results, tokens = await state.service.score([_item_from_json(i) for i in parsed.items],
-                                                parsed.return_tokens)
-    state.metrics.request_seconds.labels("http").observe(time.perf_counter() - started)
-    state.metrics.requests.labels("http", "ok").inc()
-    return _json({"model": state.model.info.name,
-                  "results": [_result_to_json(r, parsed.return_tokens) for r in results],
-                  "usage": {"items": len(results), "tokens": tokens}})
+    async def read() -> ScoreRequest:
+        return request_from_json(await read_body(request, state.settings.max_body_bytes))
+
+    return await state.service.handle("http", read, answer_json)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes; the limit is {limit}")
@@ -150,12 +136,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def add_http_api(app: FastAPI) -> None:
-    """Routes, the error handler and the request schema, onto an app whose state is set."""
+    """Routes, the error handler and the schema of /score's body (which the route parses
+    itself, for speed and limits), onto an app whose state is set by its lifespan."""
     app.include_router(router)
 
     @app.exception_handler(ScoringError)
     async def _on_error(request: Request, exc: ScoringError) -> Response:
-        state: ServerState | None = getattr(request.app.state, "tokenrm", None)
-        if state is not None:
-            state.metrics.requests.labels("http", exc.code).inc()
         return error_response(exc)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                               description=app.description)
+            body = schema.ScoreRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components["ScoreRequest"] = body
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the engine and the adapters, in one registry per server."""
+"""Prometheus metrics, in one registry per server: the engine's batches and the requests."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 
 
 class EngineMetrics:
-    """Queue depth, batch shape, padding, forward time and throughput; plus request outcomes."""
+    """Queue depth, batch shape, padding, forward time, throughput and refusals."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -31,10 +31,6 @@ class EngineMetrics:
                                      "Tokens computed, padding included", registry=r)
         self.refused = Counter("tokenrm_refused", "Requests refused because the queue was full",
                                registry=r)
-        self.requests = Counter("tokenrm_requests", "Requests by transport and outcome",
-                                ["transport", "code"], registry=r)
-        self.request_seconds = Histogram("tokenrm_request_seconds", "Request latency",
-                                         ["transport"], buckets=_SECONDS, registry=r)
 
     def observe_batch(self, rows: int, tokens: int, padded: int, seconds: float) -> None:
         self.batch_size.observe(rows)
@@ -43,3 +39,18 @@ class EngineMetrics:
         self.forward_seconds.observe(seconds)
         self.tokens.inc(tokens)
         self.padded_tokens.inc(padded)
+
+
+class RequestMetrics:
+    """Requests by transport and outcome ("ok" or an error code), and their latency."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("tokenrm_requests", "Requests by transport and outcome",
+                                ["transport", "code"], registry=registry)
+        self.request_seconds = Histogram("tokenrm_request_seconds", "Request latency",
+                                         ["transport"], buckets=_SECONDS, registry=registry)
+
+    def observe(self, transport: str, code: str, seconds: float | None = None) -> None:
+        self.requests.labels(transport, code).inc()
+        if seconds is not None:
+            self.request_seconds.labels(transport).observe(seconds)

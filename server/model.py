@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +18,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tokenrm.core.encoding import Encoded, encode
+from tokenrm.core.encoding import Encoded, encode, fit
 from tokenrm.core.reward_rule import POS_MINUS_NEG
-from tokenrm.core.scoring import Logits, row_rewards
+from tokenrm.core.scoring import Logits, Scored, row_rewards
 from tokenrm.core.tokenizer import fingerprint
-from tokenrm.server.tracing import traced_logits
+from tokenrm.server.torchscript import traced_logits
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,26 +125,17 @@ class RewardModel:
                                                                            strict=True)]
         return [rewards[i, len(row) - n:len(row)].copy() for i, (row, n) in enumerate(rows)]
 
-    def overhead_tokens(self, repeats: int = 7) -> float:
-        """The fixed cost of one forward pass, in tokens of compute: fitted as a + b x tokens
-        from the median times of a small and a larger batch, it is a / b. Batching weighs
-        padding against it; inf when the timings show no cost per token (batch freely)."""
-        small, large = [([1] * 16, 1)], [([1] * 64, 1)] * 8
-
-        def median_s(rows: list[tuple[list[int], int]]) -> float:
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                self.score(rows)
-                times.append(time.perf_counter() - started)
-            return sorted(times)[repeats // 2]
-
-        median_s(large)  # warm-up
-        t_small, t_large = median_s(small), median_s(large)
-        per_token = (t_large - t_small) / (8 * 64 - 16)
-        if per_token <= 0:
-            return math.inf
-        return max(0.0, t_small - 16 * per_token) / per_token
+    def score_texts(self, items: Sequence[tuple[str, str]], batch_size: int = 64
+                    ) -> list[Scored]:
+        """Rewards of (prompt, response) items, encoded and fitted as the server does."""
+        out: list[Scored] = []
+        for start in range(0, len(items), batch_size):
+            chunk = [self.encode(p, r) for p, r in items[start:start + batch_size]]
+            fitted = [fit(e.prompt_ids, e.response_ids, self.info.max_len) for e in chunk]
+            rewards = self.score([(p + r, len(r)) for p, r, _ in fitted])
+            out += [Scored(rw, e.offsets[:len(r)], r)
+                    for e, (_, r, _), rw in zip(chunk, fitted, rewards, strict=True)]
+        return out
 
     @staticmethod
     def _on_last_token(reward: float, n: int) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""What a running server holds: settings, model, engine, service, metrics, key checker, and
-what to tell when it starts draining."""
+"""What a running server holds (settings, the service, the key checker, the metrics registry)
+and how it drains."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry
+
 from tokenrm.server.auth import KeyChecker
-from tokenrm.server.engine import ScoringEngine
-from tokenrm.server.metrics import EngineMetrics
-from tokenrm.server.model import RewardModel
 from tokenrm.server.service import RewardService
 from tokenrm.server.settings import Settings
 
@@ -22,17 +21,10 @@ GRACE_MARGIN_S = 0.5
 @dataclass
 class ServerState:
     settings: Settings
-    model: RewardModel
-    engine: ScoringEngine
     service: RewardService
-    metrics: EngineMetrics
     keys: KeyChecker
+    registry: CollectorRegistry
     on_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-    @property
-    def ready(self) -> bool:
-        return self.engine.ready
-
     drain_started: float | None = None   # time.monotonic() of the first signal
 
     def grace_left_s(self) -> float:
@@ -46,8 +38,9 @@ class ServerState:
         what is still queued shortly before the grace period ends is answered 503 /
         UNAVAILABLE, before the HTTP server cancels its requests (which would answer 500)."""
         self.drain_started = time.monotonic()
-        self.engine.stop_accepting()
+        engine = self.service.engine
+        engine.stop_accepting()
         asyncio.get_running_loop().call_later(
-            max(0.0, self.settings.grace_s - GRACE_MARGIN_S), self.engine.abandon_waiting)
+            max(0.0, self.settings.grace_s - GRACE_MARGIN_S), engine.abandon_waiting)
         for hook in self.on_drain:
             await hook()

@@ -189,10 +189,8 @@ def test_work_that_cannot_finish_before_its_deadline_is_refused_at_once() -> Non
             queued = asyncio.create_task(engine.score(backlog, 10))
             await until(lambda: len(model.batches) == 2)  # its first batch is in the model
             assert 0.3 < engine.expected_wait_s() < 2.0
-            started = time.monotonic()
             with pytest.raises(Overloaded, match="s of work") as refused:
-                await engine.score([make_row(2, 5)], timeout_s=0.3)
-            assert time.monotonic() - started < 0.05  # at once, not at its deadline
+                engine.admit(timeout_s=0.3)  # what the service asks before reading a request
             assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 0
             assert metrics.registry.get_sample_value("tokenrm_refused_total") == 1
             patient = [make_row(3, 5)]

@@ -1038,7 +1038,7 @@ def test_oversized_headers_are_refused(server: Target, name: str) -> None:
 
 def test_a_huge_header_does_not_stall_other_callers(server: Target) -> None:
     """httptools joins a header value's pieces with `bytes +=` on the event loop, quadratic in
-    its size: before server/http_protocol.py refused headers over 64 KiB as they arrive, one
+    its size: before server/http_headers.py refused headers over 64 KiB as they arrive, one
     64 MiB header stalled every HTTP and gRPC caller for ~5 s."""
     port, statuses = _port(server.url), []
     raw = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (64 << 20) + \

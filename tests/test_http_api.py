@@ -36,7 +36,7 @@ def test_text_item_gets_one_reward_per_response_token(client: TestClient) -> Non
 
 def test_token_item_scores_exactly_the_given_ids(client: TestClient) -> None:
     text = client.post("/score", json={"items": [TEXT]}).json()["results"][0]
-    prompt_ids = client.app.state.tokenrm.model.encode(TEXT["prompt"], "").prompt_ids
+    prompt_ids = client.app.state.tokenrm.service.model.encode(TEXT["prompt"], "").prompt_ids
     ids = {"prompt_ids": prompt_ids, "response_ids": text["token_ids"]}
     same = client.post("/score", json={"items": [ids]}).json()["results"][0]
     assert same["rewards"] == pytest.approx(text["rewards"], abs=1e-6)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sklearn.metrics import roc_auc_score
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenrm.core.scoring import Scored, score_texts
+from tokenrm.core.scoring import Scored
 from tokenrm.training.data import ErrorSpan, Pair
 from tokenrm.training.labels import NEGATIVE, POSITIVE, edit_labels
 
@@ -71,9 +70,12 @@ def metrics(pairs: Sequence[Pair], rejected: Sequence[Scored], edited: Sequence[
     }
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair],
-             max_len: int) -> dict[str, float | int | None]:
+ScoreTexts = Callable[[Sequence[tuple[str, str]]], list[Scored]]
+"""Rewards of (prompt, response) items: a model in training, or a served checkpoint."""
+
+
+def evaluate(score: ScoreTexts, pairs: Sequence[Pair]) -> dict[str, float | int | None]:
     """Score both responses of every pair and compute `metrics`."""
-    rejected = score_texts(model, tokenizer, [(p.prompt, p.rejected) for p in pairs], max_len)
-    edited = score_texts(model, tokenizer, [(p.prompt, p.edited) for p in pairs], max_len)
+    rejected = score([(p.prompt, p.rejected) for p in pairs])
+    edited = score([(p.prompt, p.edited) for p in pairs])
     return metrics(pairs, rejected, edited)

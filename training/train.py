@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from tokenrm.core.encoding import encode, fit
+from tokenrm.core.scoring import score_texts
 from tokenrm.training.data import Pair, load_pairs
 from tokenrm.training.evaluate import evaluate
 from tokenrm.training.labels import IGNORE, NEUTRAL, edit_labels
@@ -156,7 +157,7 @@ def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Tr
             "seconds": round(time.perf_counter() - started, 1),
         },
         "truncated_responses": {"train": train_cut, "eval": eval_cut},
-        "eval": evaluate(model, tokenizer, eval_pairs, max_len),
+        "eval": evaluate(lambda items: score_texts(model, tokenizer, items, max_len), eval_pairs),
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return Trained(out, model, tokenizer, result)

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tokenrm.server.app import create_app, load_model
-from tokenrm.server.http_protocol import BoundedHeadersProtocol
+from tokenrm.server.http_headers import BoundedHeadersProtocol
 from tokenrm.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class _DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
         elif self.should_exit and sig == signal.SIGINT:  # Ctrl-C twice: stop now
             log.warning("second SIGINT: refusing the queued work and exiting")
-            loop.call_soon_threadsafe(state.engine.abandon_waiting)
+            loop.call_soon_threadsafe(state.service.engine.abandon_waiting)
         elif self.should_exit:  # a repeated SIGTERM (some supervisors send several)
             log.info("already draining")
         else:  # in a signal handler: schedule the drain on the loop, do not run it here

@@ -9,10 +9,12 @@ gathers them.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tokenrm.server.errors import HeadersTooLarge
+from tokenrm.server.http_errors import error_body
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; browsers send a few KB at most
 
@@ -43,10 +45,9 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._in_headers, self._header_bytes = True, 0  # the next request on this connection
 
     def _refuse(self) -> None:
-        body = json.dumps({"error": {
-            "code": "headers_too_large", "item": None, "field": "headers",
-            "message": f"headers: more than {MAX_HEADER_BYTES} bytes; the limit is "
-                       f"{MAX_HEADER_BYTES} bytes for the request line and headers"}}).encode()
+        body = error_body(HeadersTooLarge(
+            f"headers: more than {MAX_HEADER_BYTES} bytes; the limit is {MAX_HEADER_BYTES} "
+            "bytes for the request line and headers", field="headers"))
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                              b"content-type: application/json\r\n"
                              b"content-length: " + str(len(body)).encode() + b"\r\n"

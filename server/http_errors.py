@@ -1,0 +1,38 @@
+"""Domain errors as HTTP answers: the status of each error code, and the JSON error body."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi.responses import Response
+
+from tokenrm.server.errors import ScoringError
+
+STATUS = {
+    "bad_request": 400,
+    "unauthenticated": 401,
+    "payload_too_large": 413,
+    "invalid_input": 422,
+    "overloaded": 429,
+    "headers_too_large": 431,
+    "unavailable": 503,
+    "deadline_exceeded": 503,
+}
+
+
+def error_body(exc: ScoringError) -> bytes:
+    return orjson.dumps({"error": {"code": exc.code, "message": exc.message, "item": exc.item,
+                                   "field": exc.field}})
+
+
+def error_headers(exc: ScoringError) -> dict[str, str]:
+    headers = {}
+    if exc.retry_after_whole_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_whole_s)
+    if exc.code == "unauthenticated":
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def error_response(exc: ScoringError) -> Response:
+    return Response(error_body(exc), status_code=STATUS.get(exc.code, 500),
+                    media_type="application/json", headers=error_headers(exc))
