@@ -1,31 +1,59 @@
-"""`tokenrm ppo` and `tokenrm experiment`: their arguments and how they start a run."""
+"""`tokenrm ppo` and `tokenrm experiment`: their arguments and how they start a run.
+
+Their defaults are those of the dataclasses the flags fill (PPOConfig, Sampling, Connection,
+Experiment): a flag left out stays None here and the field keeps its default. (Reading the
+defaults while building the parser would import torch into every `tokenrm` command.)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 DEFAULT_SERVER = "grpc://127.0.0.1:50051"
+# Flag (argparse dest) -> the dataclass field it sets.
+CONFIG_FLAGS = {"mode": "mode", "iterations": "iterations", "prompts": "prompts_per_iteration",
+                "samples": "samples_per_prompt", "generation_batch": "generation_batch",
+                "beta": "beta", "kl_target": "kl_target", "lr": "lr", "epochs": "epochs",
+                "minibatch": "minibatch", "seed": "seed", "save_every": "save_every"}
+SAMPLING_FLAGS = {"temperature": "temperature", "top_p": "top_p",
+                  "max_new_tokens": "max_new_tokens"}
+CONNECTION_FLAGS = {"send": "send", "timeout": "timeout_s"}
+EXPERIMENT_FLAGS = {"seeds": "seeds", "eval_every": "eval_every", "eval_prompts": "eval_prompts"}
 
 
-def _ppo_config(args: argparse.Namespace, mode: Literal["fine", "seq"] = "fine") -> Any:
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """The fields set by the flags the user gave; the others keep their dataclass defaults."""
+    values = {field: getattr(args, dest, None) for dest, field in flags.items()}
+    return {field: value for field, value in values.items() if value is not None}
+
+
+def _ppo_config(args: argparse.Namespace) -> Any:
     from tokenrm.training.ppo.rollout import Sampling
     from tokenrm.training.ppo.trainer import PPOConfig
 
-    return PPOConfig(
-        mode=mode, iterations=args.iterations, prompts_per_iteration=args.prompts,
-        samples_per_prompt=args.samples, generation_batch=args.generation_batch,
-        sampling=Sampling(args.temperature, args.top_p, args.max_new_tokens), beta=args.beta,
-        kl_target=args.kl_target, lr=args.lr, epochs=args.epochs, minibatch=args.minibatch,
-        seed=args.seed, save_every=args.save_every)
+    return PPOConfig(sampling=Sampling(**_given(args, SAMPLING_FLAGS)),
+                     **_given(args, CONFIG_FLAGS))
 
 
 def _connection(args: argparse.Namespace) -> Any:
     from tokenrm.training.ppo.run import Connection
 
-    return Connection(args.server or [DEFAULT_SERVER], args.api_key, args.send, args.timeout)
+    return Connection(args.server or [DEFAULT_SERVER], args.api_key,
+                      **_given(args, CONNECTION_FLAGS))
+
+
+def _task(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
+    """--prompt-file's prompts with no judge; without it, the synthetic task and its oracle (a
+    resumed run: what its config.json records)."""
+    from tokenrm.training.ppo.prompts import FilePrompts
+    from tokenrm.training.ppo.run import synthetic_task
+
+    if args.prompt_file is not None:
+        return FilePrompts.load(args.prompt_file, config.prompt_seed), None
+    return (None, None) if args.resume else synthetic_task(config)
 
 
 def _ppo(args: argparse.Namespace) -> None:
@@ -35,10 +63,12 @@ def _ppo(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = _ppo_config(args)
+    prompts, judge = _task(args, config)  # a bad --prompt-file stops before any other work
     policy = args.policy or (None if args.resume else demo_policy(args.policy_recipe))
     try:
-        trainer = run_ppo(args.out, _ppo_config(args, args.mode), _connection(args), policy,
-                          args.resume, progress=not args.no_progress)
+        trainer = run_ppo(args.out, config, _connection(args), policy, args.resume,
+                          progress=not args.no_progress, prompts=prompts, judge=judge)
     except PPOError as exc:
         print(f"tokenrm ppo: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -65,53 +95,56 @@ def _experiment(args: argparse.Namespace) -> None:
             running = stack.enter_context(serve(demo_checkpoint(
                 preset_name="tiny" if args.policy_recipe == "tiny" else "demo")))
             args.server = [f"grpc://{running.grpc_target}"]
-        exp = Experiment(_ppo_config(args), seeds=tuple(args.seeds), eval_every=args.eval_every,
-                         eval_prompts=args.eval_prompts)
+        exp = Experiment(_ppo_config(args), **_given(args, EXPERIMENT_FLAGS))
         run_experiment(args.out, exp, _connection(args), policy)
     print((args.out / "fine-vs-seq.md").read_text())
 
 
-def _ppo_arguments(p: argparse.ArgumentParser, iterations: int) -> None:
+def _ppo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory (log, checkpoints)")
     p.add_argument("--server", action="append", metavar="URL",
                    help=f"reward server, grpc://host:port or http://host:port (default "
                         f"{DEFAULT_SERVER}); repeat for several")
     p.add_argument("--api-key", help="the server's API key")
-    p.add_argument("--send", choices=("auto", "ids", "text"), default="auto",
+    p.add_argument("--send", choices=("auto", "ids", "text"),
                    help="token ids (the policy shares the server's tokenizer) or text with "
-                        "spans; auto: ids when the tokenizers' fingerprints match")
-    p.add_argument("--timeout", type=float, default=600.0,
+                        "spans; auto (default): ids when the tokenizers' fingerprints match")
+    p.add_argument("--timeout", type=float,
                    help="seconds one scoring call may take, retries included")
     p.add_argument("--policy", type=Path,
                    help="SFT policy directory (default: the demo policy, built once)")
     p.add_argument("--policy-recipe", choices=("tiny", "demo"), default="demo",
                    help="which demo policy to build when --policy is not given")
-    p.add_argument("--iterations", type=int, default=iterations)
-    p.add_argument("--prompts", type=int, default=16, help="prompts per iteration")
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    p.add_argument("--generation-batch", type=int, default=32,
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--prompts", type=int, help="prompts per iteration")
+    p.add_argument("--samples", type=int, help="samples per prompt")
+    p.add_argument("--generation-batch", type=int,
                    help="rollouts generated at once (each batch is scored while the next "
                         "is generated)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=80)
-    p.add_argument("--beta", type=float, default=0.05, help="KL coefficient (start value)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--beta", type=float, help="KL coefficient (start value)")
     p.add_argument("--kl-target", type=float,
                    help="adapt beta towards this KL per response (default: beta fixed)")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--epochs", type=int, default=4, help="PPO epochs per iteration")
-    p.add_argument("--minibatch", type=int, default=16, help="rollouts per optimiser step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=10, help="iterations between checkpoints")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, help="PPO epochs per iteration")
+    p.add_argument("--minibatch", type=int, help="rollouts per optimiser step")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=int, help="iterations between checkpoints")
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
 def add_ppo_commands(sub: Any) -> None:
     """The `ppo` and `experiment` subcommands, onto the parser's subparsers."""
     p = sub.add_parser("ppo", help="fine-grained PPO of a policy against a running server")
-    _ppo_arguments(p, iterations=60)
-    p.add_argument("--mode", choices=("fine", "seq"), default="fine",
-                   help="fine: the RM's reward on every token; seq: its total on the last")
+    _ppo_arguments(p)
+    p.add_argument("--prompt-file", type=Path, metavar="FILE.jsonl",
+                   help='train on your own prompts: one {"prompt": "..."} object per line '
+                        "(default: the synthetic task's prompts, judged by its oracle)")
+    p.add_argument("--mode", choices=("fine", "seq"),
+                   help="fine (default): the RM's reward on every token; seq: its total on "
+                        "the last")
     p.add_argument("--resume", action="store_true", help="go on with the run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_ppo)
@@ -119,8 +152,8 @@ def add_ppo_commands(sub: Any) -> None:
     p = sub.add_parser("experiment", help="fine-grained vs sequence-level PPO over seeds; "
                                           "starts a local demo server unless --server is given")
     p.add_argument("name", choices=("fine-vs-seq",))
-    _ppo_arguments(p, iterations=60)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations")
-    p.add_argument("--eval-prompts", type=int, default=300, help="held-out prompts judged")
+    _ppo_arguments(p)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--eval-every", type=int, help="iterations between evaluations")
+    p.add_argument("--eval-prompts", type=int, help="held-out prompts judged")
     p.set_defaults(run=_experiment)

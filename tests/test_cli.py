@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
+
 from tokenrm.cli.main import main
 from tokenrm.training.data import load_pairs
 
@@ -62,3 +66,30 @@ def test_invalid_server_settings_are_one_line_each_not_a_traceback(tmp_path: Pat
     # A key list with no key would otherwise serve without authentication.
     assert "TOKENRM_API_KEYS: set, but holds no key" in line
     assert "TOKENRM_MAX_QUEUE_ITEMS: Input should be a valid integer" in line
+
+
+@pytest.mark.parametrize("cls, labels", [(LlamaForSequenceClassification, 1),
+                                         (LlamaForTokenClassification, 1),
+                                         (LlamaForTokenClassification, 2)])
+def test_eval_rm_takes_any_checkpoint_the_server_serves(tmp_path: Path, tokenizer, data_dir: Path,
+                                                        capsys, cls, labels: int) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, vocab_size=len(tokenizer),
+                         pad_token_id=tokenizer.pad_token_id, num_labels=labels)
+    cls(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    assert main(["eval-rm", "--model", str(tmp_path / "rm"),
+                 "--data", str(data_dir / "eval.jsonl")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["pairs"] == 40
+    assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0
+
+
+def test_eval_rm_names_a_missing_model_in_one_line(tmp_path: Path, data_dir: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "tokenrm.cli.main", "eval-rm", "--model", str(tmp_path / "nope"),
+         "--data", str(data_dir / "eval.jsonl")], capture_output=True, text=True, check=False)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == \
+        f"tokenrm eval-rm: {tmp_path / 'nope'}: not a checkpoint directory (no config.json)"

@@ -1,6 +1,7 @@
 """Fine-grained PPO against real `tokenrm serve` processes on 127.0.0.1: the CLI smoke run and its
-resume, HTTP by URL, token ids and text with spans giving the same rewards, a server killed and
-restarted mid-run, an overloaded server, bad answers that stop the run, and the small helpers.
+resume, a run on a prompt file with no judge, HTTP by URL, token ids and text with spans giving
+the same rewards, a server killed and restarted mid-run, an overloaded server, bad answers that
+stop the run, and the small helpers.
 
 Every run uses the same tiny SFT policy and seeds, so each one is compared with one uninterrupted
 reference run: the same iterations must give the same rewards, KL and response lengths (a lost,
@@ -31,8 +32,9 @@ from tokenrm.core.spans import decoded_with_offsets
 from tokenrm.core.tokenizer import fingerprint
 from tokenrm.server.process import Running, free_port, serve, start, stop
 from tokenrm.training import synth
-from tokenrm.training.ppo.oracle import Verdict, preference, verdict
+from tokenrm.training.ppo.oracle import OracleJudge, Verdict, preference, verdict
 from tokenrm.training.ppo.policy import Policy
+from tokenrm.training.ppo.prompts import FilePrompts, SyntheticPrompts
 from tokenrm.training.ppo.rewards import RewardSource, Send
 from tokenrm.training.ppo.rollout import Sampling
 from tokenrm.training.ppo.run import Connection, PPOError, run_ppo
@@ -43,7 +45,6 @@ from tokenrm.training.ppo.trainer import (
     LOG,
     PPOConfig,
     open_run,
-    training_prompts,
     trim_log,
 )
 from tokenrm.training.tokenizer import train_tokenizer
@@ -55,6 +56,9 @@ ROLLOUTS = SMALL.rollouts_per_iteration  # 8
 REFERENCE_ITERATIONS = 6
 ISSUE_KEYS = ("rm_reward", "kl", "entropy", "clip_fraction", "value_loss", "oracle_error_rate",
               "reward_wait_share")
+ORACLE_KEYS = ("oracle_error_rate", "oracle_errors", "oracle_answered")
+OWN_PROMPTS = ("Where does Ana live?", "Tell me about Oslo.", "Say something kind.",
+               "What is 2 + 3?", "Describe a cat for me.")
 
 
 def config(**changes: Any) -> PPOConfig:
@@ -205,7 +209,8 @@ def test_a_crash_between_checkpoints_resumes_without_counting_an_iteration_twice
 
     with RewardClient(f"grpc://{server.grpc_target}", timeout_s=TIMEOUT) as client:
         trainer = open_run(out, config(iterations=4, save_every=2), policy_dir,
-                           lambda p: RewardSource(client, p.tokenizer), resume=False)
+                           lambda p: RewardSource(client, p.tokenizer), resume=False,
+                           prompts=SyntheticPrompts(SMALL.prompt_seed), judge=OracleJudge())
         with pytest.raises(Crash):
             trainer.run(crash_after_the_third)
     assert [r["iteration"] for r in read_log(out)] == [1, 2, 3]
@@ -217,6 +222,80 @@ def test_a_crash_between_checkpoints_resumes_without_counting_an_iteration_twice
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]  # iteration 3 once, redone
     assert_same_training(records, reference[:4])
     assert saved_iteration(out) == 4
+
+
+# ---------------------------------------------------------------- 1b. own prompts, no judge
+
+
+def test_without_a_judge_the_log_has_no_oracle_fields_and_training_is_the_same(
+        server: Running, policy_dir: Path, reference: list[dict[str, Any]],
+        tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with RewardClient(f"grpc://{server.grpc_target}", timeout_s=TIMEOUT) as client:
+        trainer = open_run(out, config(iterations=1), policy_dir,
+                           lambda p: RewardSource(client, p.tokenizer), resume=False,
+                           prompts=SyntheticPrompts(SMALL.prompt_seed), judge=None)
+        trainer.run()
+    [record] = read_log(out)
+    assert record.keys() == reference[0].keys() - set(ORACLE_KEYS)
+    assert {"rm_reward", "kl", "response_tokens"} <= record.keys()
+    # The judge only watches: without it the same rollouts and update.
+    assert record["response_tokens"] == reference[0]["response_tokens"]
+    for key in ("rm_reward", "kl", "value_loss", "entropy"):
+        assert record[key] == pytest.approx(reference[0][key], rel=1e-4, abs=1e-5), key
+
+
+def test_cli_trains_on_a_prompt_file_then_resumes_it_and_refuses_when_it_is_gone(
+        server: Running, policy_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in OWN_PROMPTS))
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--server", f"grpc://{server.grpc_target}", "--no-progress"]
+    done = _cli(*common, "--prompt-file", str(prompts), "--policy", str(policy_dir),
+                "--iterations", "1", "--prompts", "4", "--samples", "2",
+                "--generation-batch", "4", "--max-new-tokens", "24", "--epochs", "1",
+                "--minibatch", "4")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((out / CONFIG).read_text())["prompts"] == \
+        FilePrompts.load(prompts, SMALL.prompt_seed).spec()
+    done = _cli(*common, "--resume", "--iterations", "2")  # the file, from config.json
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = read_log(out)
+    assert [r["iteration"] for r in records] == [1, 2]
+    for record in records:
+        assert not set(ORACLE_KEYS) & record.keys(), record.keys()
+        assert record["response_tokens"] > 0
+        for key, value in record.items():
+            assert isinstance(value, int | float) and math.isfinite(value), (key, value)
+
+    # An uninterrupted run on the same file: the resumed iteration saw the same prompts.
+    with RewardClient(f"grpc://{server.grpc_target}", timeout_s=TIMEOUT) as client:
+        open_run(tmp_path / "whole", config(iterations=2), policy_dir,
+                 lambda p: RewardSource(client, p.tokenizer), resume=False,
+                 prompts=FilePrompts.load(prompts, SMALL.prompt_seed)).run()
+    whole = read_log(tmp_path / "whole")
+    assert [r["response_tokens"] for r in records] == [r["response_tokens"] for r in whole]
+    assert [r["rm_reward"] for r in records] == pytest.approx([r["rm_reward"] for r in whole],
+                                                              rel=1e-4, abs=1e-5)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "Something else?"}\n')
+    done = _cli(*common, "--resume", "--iterations", "3", "--prompt-file", str(other))
+    assert done.returncode == 1 and "--resume goes on with the run's own prompts" in done.stderr
+    prompts.unlink()
+    done = _cli(*common, "--resume", "--iterations", "3")
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert done.stderr.strip() == (f"tokenrm ppo: {prompts}: the run's prompt file (named in "
+                                   "its config.json) is gone; put it back to resume the run")
+    assert [r["iteration"] for r in read_log(out)] == [1, 2]
+
+
+def test_cli_with_a_missing_prompt_file_says_so_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.jsonl"
+    done = _cli("--out", str(tmp_path / "run"), "--prompt-file", str(missing))
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert done.stderr.strip() == f"tokenrm ppo: {missing}: no such prompt file"
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- 2. HTTP by URL
@@ -426,7 +505,9 @@ def test_a_bad_answer_mid_run_keeps_the_finished_iterations_and_resume_goes_on(
         # only saved because the run stops.
         with RewardClient(proxy.url, timeout_s=TIMEOUT) as client:
             trainer = open_run(out, config(iterations=2, save_every=10), policy_dir,
-                               lambda p: RewardSource(client, p.tokenizer), resume=False)
+                               lambda p: RewardSource(client, p.tokenizer), resume=False,
+                               prompts=SyntheticPrompts(SMALL.prompt_seed),
+                               judge=OracleJudge())
             with pytest.raises(ResultError, match="non-finite rewards"):
                 trainer.run(lambda record: proxy.tamper("nan"))
         assert trainer.iteration == 1
@@ -455,11 +536,11 @@ def test_a_bad_answer_mid_run_keeps_the_finished_iterations_and_resume_goes_on(
 
 
 def test_training_prompts_depend_on_the_seed_and_iteration_alone() -> None:
-    first = training_prompts(3, 0, 6)
-    assert first == training_prompts(3, 0, 6)
+    first = SyntheticPrompts(3).prompts(0, 6)
+    assert first == SyntheticPrompts(3).prompts(0, 6)
     assert len(first) == 6
-    assert training_prompts(3, 1, 6) != first
-    assert training_prompts(4, 0, 6) != first
+    assert SyntheticPrompts(3).prompts(1, 6) != first
+    assert SyntheticPrompts(4).prompts(0, 6) != first
     for prompt in first:
         synth.parse_prompt(prompt)  # a prompt of the task: raises otherwise
 

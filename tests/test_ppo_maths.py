@@ -180,3 +180,23 @@ def test_kl_controller_adapts_towards_target(kl: float, beta: float) -> None:
     ctl = KLController(beta=0.1, target=6.0, horizon=10000)
     ctl.update(kl, rollouts=1000)
     assert ctl.beta == pytest.approx(beta)
+
+
+def test_a_shape_mismatch_raises_naming_the_argument() -> None:
+    rm, mask = t([1.0, 0.5, 9.0]), t([1, 1, 0])
+    with pytest.raises(AssertionError, match=r"kl_penalized: ref_logprobs has shape \(1, 2\)"):
+        kl_penalized(rm, t([-1.0, -2.0, -3.0]), t([-1.5, -1.0]), mask, beta=0.1)
+    with pytest.raises(AssertionError, match=r"gae: values .* but mask has \(1, 3\)"):
+        gae(rm, t([0.5, 1.0]), mask, gamma=1.0, lam=1.0)
+    with pytest.raises(AssertionError, match="policy_loss: advantages"):
+        policy_loss(rm, rm, t([1.0], [2.0]), mask, clip=0.2)
+    with pytest.raises(AssertionError, match="value_loss: returns"):
+        value_loss(rm, rm, torch.zeros(3), mask, clip=0.2)
+    with pytest.raises(AssertionError, match="masked_mean: mask must be"):
+        masked_mean(torch.zeros(3), torch.ones(3))
+    with pytest.raises(AssertionError, match="entropy: logits"):
+        entropy(torch.zeros(1, 2, 8), mask)
+    with pytest.raises(AssertionError, match="sequence_level: rm"):
+        sequence_level(t([1.0, 2.0]), mask)
+    with pytest.raises(AssertionError, match="whiten: x"):
+        whiten(t([1.0, 2.0, 3.0, 4.0]), mask)

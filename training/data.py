@@ -72,14 +72,29 @@ def _errors(value: Any, where: str, rejected: str) -> tuple[ErrorSpan, ...]:
     return tuple(spans)
 
 
-def parse_pair(line: str, where: str) -> Pair:
-    """Parse one JSONL line; `where` (file:line) prefixes every error message."""
+_JSON_TYPES = {"dict": "an object", "list": "an array", "NoneType": "null", "bool": "a boolean",
+               "int": "a number", "float": "a number", "str": "a string"}
+
+
+def json_type(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words ("an array", "null")."""
+    return _JSON_TYPES.get(type(value).__name__, type(value).__name__)
+
+
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line that must hold an object; `where` (file:line) prefixes the error."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {json_type(row)}")
+    return row
+
+
+def parse_pair(line: str, where: str) -> Pair:
+    """Parse one JSONL line; `where` (file:line) prefixes every error message."""
+    row = json_object(line, where)
     if "edited" in row and "chosen" in row:
         raise DataError(f"{where}: give 'edited' or its alias 'chosen', not both")
     edited_key = "chosen" if "chosen" in row else "edited"

@@ -17,8 +17,9 @@ import torch
 
 from tokenrm.client import RewardClient
 from tokenrm.training import synth
-from tokenrm.training.ppo.oracle import Verdict, preference, verdict
+from tokenrm.training.ppo.oracle import OracleJudge, Verdict, preference, verdict
 from tokenrm.training.ppo.policy import Policy
+from tokenrm.training.ppo.prompts import SyntheticPrompts
 from tokenrm.training.ppo.rewards import RewardSource
 from tokenrm.training.ppo.rollout import Sampling, sample
 from tokenrm.training.ppo.run import Connection, describe
@@ -118,7 +119,8 @@ def run_experiment(out: Path, exp: Experiment, connection: Connection, policy_di
 
 def _one_run(out: Path, config: PPOConfig, exp: Experiment, judge: Judge, rewards: Any,
              policy_dir: Path) -> dict[str, Any]:
-    trainer = open_run(out, config, policy_dir, rewards, resume=False)
+    trainer = open_run(out, config, policy_dir, rewards, resume=False,
+                       prompts=SyntheticPrompts(config.prompt_seed), judge=OracleJudge())
     curve = [{"iteration": 0, "rollouts": 0, **judge.evaluate(trainer.policy)}]
     history: list[dict[str, Any]] = []
 

@@ -1,4 +1,4 @@
-"""The synthetic task's oracle, as PPO's logs and the experiment's judge use it.
+"""The synthetic task's oracle, as PPO's judge and the experiment's use it.
 
 A response must answer (state at least one correct fact about the person asked about); among
 responses that answer, or among those that do not, fewer errors is better. So saying nothing
@@ -7,26 +7,22 @@ never beats an answer, and an answer with errors loses to one without.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tokenrm.training import synth
+from tokenrm.training.ppo.task import Verdict
 
-
-@dataclass(frozen=True)
-class Verdict:
-    errors: int      # errors the judge finds (wrong facts, arithmetic, rude, repeated, off topic)
-    facts: int       # correct facts about the person asked about
-
-    @property
-    def answered(self) -> bool:
-        return self.facts > 0
-
-    def rank(self) -> tuple[bool, int]:
-        return self.answered, -self.errors
+__all__ = ["OracleJudge", "Verdict", "preference", "verdict"]
 
 
 def verdict(prompt: str, response: str) -> Verdict:
     return Verdict(len(synth.judge(prompt, response)), synth.correct_facts(prompt, response))
+
+
+class OracleJudge:
+    """The oracle as a PPO judge (task.Judge): the log's oracle_* fields come from it. It only
+    reads prompts of the synthetic task."""
+
+    def verdict(self, prompt: str, response: str) -> Verdict:
+        return verdict(prompt, response)
 
 
 def preference(mine: Verdict, theirs: Verdict) -> float:

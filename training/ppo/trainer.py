@@ -1,17 +1,17 @@
 """The PPO loop: rollouts scored by the server, r_t = rm_t - beta * KL_t, GAE, clipped updates.
 
-Each iteration samples `prompts_per_iteration` x `samples_per_prompt` rollouts in chunks of
-`generation_batch`; a chunk is sent for scoring as soon as it is generated, so the server
-scores one chunk while the policy generates the next. Every iteration appends one line to
-log.jsonl; the run directory holds a checkpoint that `resume` continues from.
+Each iteration takes `prompts_per_iteration` prompts from its prompt source and samples
+`samples_per_prompt` rollouts of each, in chunks of `generation_batch`; a chunk is sent for
+scoring as soon as it is generated, so the server scores one chunk while the policy generates
+the next. Every iteration appends one line to log.jsonl (with a judge, its verdicts too); the
+run directory holds a checkpoint that `resume` continues from. The trainer knows no task: its
+prompt source and judge are given (task.py).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -22,12 +22,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tokenrm.training import synth
 from tokenrm.training.ppo import maths
-from tokenrm.training.ppo.oracle import verdict
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.rewards import RewardSource
 from tokenrm.training.ppo.rollout import Batch, Sampling, response_outputs, sample
+from tokenrm.training.ppo.task import Judge, PromptSource, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class PPOConfig:
     lr: float = 5e-5
     max_grad_norm: float = 1.0
     seed: int = 0
-    prompt_seed: int = 3             # the world the training prompts come from
+    prompt_seed: int = 3             # the seed callers give the prompt source (world, file order)
     save_every: int = 10             # iterations between checkpoints (and at the end)
 
     @property
@@ -72,20 +71,6 @@ class PPOConfig:
             "sampling": Sampling(**d["sampling"])})
 
 
-def training_prompts(seed: int, iteration: int, n: int) -> list[str]:
-    """The prompts of one iteration: a function of the seed and the iteration alone, so that a
-    resumed run sees what an uninterrupted one would."""
-    rng = random.Random(seed * 1_000_003 + iteration)
-    world = _world(seed)
-    return [synth.make_prompt(rng, rng.choice(world)) for _ in range(n)]
-
-
-@functools.cache
-def _world(seed: int) -> list[synth.Person]:
-    """The people training prompts ask about: made once per seed, not once per iteration."""
-    return synth.make_world(random.Random(seed), 4000)
-
-
 @dataclass
 class Rollouts:
     prompts: list[str]
@@ -99,9 +84,10 @@ class Rollouts:
 
 class Trainer:
     def __init__(self, policy: Policy, reference: Policy, rewards: RewardSource,
-                 config: PPOConfig, out: Path) -> None:
+                 config: PPOConfig, out: Path, prompts: PromptSource,
+                 judge: Judge | None = None) -> None:
         self.policy, self.reference, self.rewards, self.config = policy, reference, rewards, config
-        self.out = out
+        self.out, self.prompt_source, self.judge = out, prompts, judge
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
         self.kl = maths.KLController(config.beta, config.kl_target)
         self.iteration = 0
@@ -111,9 +97,9 @@ class Trainer:
     def rollouts(self) -> Rollouts:
         c, tok = self.config, self.policy.tokenizer
         started = time.perf_counter()
-        prompts = [p for p in training_prompts(c.prompt_seed, self.iteration,
-                                                c.prompts_per_iteration)
-                   for _ in range(c.samples_per_prompt)]
+        drawn = self.prompt_source.prompts(self.iteration, c.prompts_per_iteration)
+        assert len(drawn) == c.prompts_per_iteration, f"{len(drawn)} prompts from the source"
+        prompts = [p for p in drawn for _ in range(c.samples_per_prompt)]
         prompt_ids = [list(tok(p)["input_ids"]) for p in prompts]
         responses: list[list[int]] = []
         pending = []
@@ -163,21 +149,27 @@ class Trainer:
         beta = self.kl.beta
         self.kl.update(kl_per_sequence, len(ro.responses))
         self.iteration += 1
-        texts = [self.policy.tokenizer.decode(r, skip_special_tokens=True) for r in ro.responses]
-        verdicts = [verdict(p, t) for p, t in zip(ro.prompts, texts, strict=True)]
         return {
             "iteration": self.iteration,
             "rollouts": self.iteration * c.rollouts_per_iteration,
             "rm_reward": float(np.mean([r.sum() for r in ro.rm])),
-            "kl": kl_per_sequence, "beta": beta, **stats,
-            "oracle_error_rate": float(np.mean([v.errors > 0 for v in verdicts])),
-            "oracle_errors": float(np.mean([v.errors for v in verdicts])),
-            "oracle_answered": float(np.mean([v.answered for v in verdicts])),
+            "kl": kl_per_sequence, "beta": beta, **stats, **self._judged(ro),
             "response_tokens": float(mask.sum(dim=1).mean()),
             "rollout_s": ro.seconds, "generate_s": ro.generate_s,
             "reward_wait_share": ro.wait_s / ro.seconds,
             "update_s": time.perf_counter() - started,
         }
+
+    def _judged(self, ro: Rollouts) -> dict[str, float]:
+        """The judge's verdicts on the rollouts (oracle_* fields); none without a judge."""
+        if self.judge is None:
+            return {}
+        texts = [self.policy.tokenizer.decode(r, skip_special_tokens=True) for r in ro.responses]
+        verdicts: list[Verdict] = [self.judge.verdict(p, t)
+                                   for p, t in zip(ro.prompts, texts, strict=True)]
+        return {"oracle_error_rate": float(np.mean([v.errors > 0 for v in verdicts])),
+                "oracle_errors": float(np.mean([v.errors for v in verdicts])),
+                "oracle_answered": float(np.mean([v.answered for v in verdicts]))}
 
     def _epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor,
                 advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
@@ -260,20 +252,31 @@ def trim_log(path: Path, iterations: int) -> None:
     path.write_text("".join(f"{line}\n" for line in lines))
 
 
+def stored_config(out: Path) -> dict[str, Any]:
+    """The config.json of the run saved in `out` (FileNotFoundError when there is none)."""
+    if not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"{out}: no checkpoint to resume from")
+    stored: dict[str, Any] = json.loads((out / CONFIG).read_text())
+    return stored
+
+
 def open_run(out: Path, config: PPOConfig, policy_dir: Path | None,
-             rewards: Callable[[Policy], RewardSource], resume: bool) -> Trainer:
+             rewards: Callable[[Policy], RewardSource], resume: bool, prompts: PromptSource,
+             judge: Judge | None = None) -> Trainer:
     """A trainer for a new run in `out` (which must not hold one) starting from the policy in
     `policy_dir`, or, with `resume`, for the run saved in `out` (its own config and policy; only
-    `config.iterations` is taken from the caller)."""
+    `config.iterations` is taken from the caller, and `prompts` must be the source it recorded).
+    config.json records the prompt source's spec under "prompts"."""
     saved = out / CHECKPOINT
     if resume:
-        if not saved.exists():
-            raise FileNotFoundError(f"{out}: no checkpoint to resume from")
-        stored = json.loads((out / CONFIG).read_text())
+        stored = stored_config(out)
+        if stored.get("prompts", prompts.spec()) != prompts.spec():
+            raise ValueError(f"{out}: the run was trained on the prompts {stored['prompts']}, "
+                             f"not {prompts.spec()}")
         config = PPOConfig.from_dict(stored | {"iterations": config.iterations})
         policy = Policy.load(saved)
         reference = Policy.load(Path(stored["policy"])).frozen_copy()
-        trainer = Trainer(policy, reference, rewards(policy), config, out)
+        trainer = Trainer(policy, reference, rewards(policy), config, out, prompts, judge)
         trainer.restore()
         trim_log(out / LOG, trainer.iteration)
         return trainer
@@ -283,6 +286,6 @@ def open_run(out: Path, config: PPOConfig, policy_dir: Path | None,
         raise FileExistsError(f"{out}: holds a run already; resume it or choose another --out")
     policy = Policy.load(policy_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(json.dumps({**config.to_dict(), "policy": str(policy_dir)},
-                                         indent=2) + "\n")
-    return Trainer(policy, policy.frozen_copy(), rewards(policy), config, out)
+    (out / CONFIG).write_text(json.dumps({**config.to_dict(), "policy": str(policy_dir),
+                                          "prompts": prompts.spec()}, indent=2) + "\n")
+    return Trainer(policy, policy.frozen_copy(), rewards(policy), config, out, prompts, judge)
