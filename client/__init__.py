@@ -7,6 +7,11 @@
                                Item.tokens([1, 57, 80], [311, 279, 12])])
         scores[0].rewards        # float32, one per response token; .token_ids, .total
 
+The names are the wire's (HTTP JSON and gRPC alike): `Item(prompt, response, prompt_ids,
+response_ids, spans)`; `score(items, return_tokens=True)` also fills each result's `tokens` and,
+for text items, `offsets`; a text item's `spans` (the character spans of another tokenizer's
+tokens) give `span_rewards`, one per span.
+
 `score` takes any number of items: it splits them into requests under the server's limits, keeps
 a bounded number in flight, retries what is worth retrying (429, 503, UNAVAILABLE,
 RESOURCE_EXHAUSTED, lost connections) with backoff and jitter within one deadline, spreads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -77,10 +78,12 @@ class AsyncRewardClient:
                 lambda e, t: e.transport.model_info(t), deadline)
         return self._info
 
-    async def score(self, items: Sequence[Item], *, with_offsets: bool = False,
+    async def score(self, items: Sequence[Item], *, return_tokens: bool = False,
                     timeout_s: float | None = None) -> list[ItemScore]:
-        """Scores of `items`, in order. Raises InputError (naming the item), AuthenticationError,
-        ServerError (retries exhausted), DeadlineError, ResultError."""
+        """Scores of `items`, in order. `return_tokens`: also each token's string (`tokens`)
+        and, for text items, its character span (`offsets`). Raises InputError (naming the
+        item), AuthenticationError, ServerError (retries exhausted), DeadlineError,
+        ResultError."""
         if not items:
             return []
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
@@ -92,7 +95,7 @@ class AsyncRewardClient:
             async with gate:
                 try:
                     scores = await self._with_retries(
-                        lambda e, t: e.transport.score(chunk, with_offsets, t), deadline)
+                        lambda e, t: e.transport.score(chunk, return_tokens, t), deadline)
                 except InputError as exc:  # name the item by its index in the caller's list
                     if exc.item is None:
                         raise
@@ -162,7 +165,7 @@ class AsyncRewardClient:
 def _estimated_bytes(item: Item) -> int:
     text = len(item.prompt or "") + len(item.response or "")
     ids = len(item.prompt_ids or ()) + len(item.response_ids or ())
-    return 64 + BYTES_PER_TOKEN * (text + ids + 2 * len(item.policy_offsets or ()))
+    return 64 + BYTES_PER_TOKEN * (text + ids + 2 * len(item.spans or ()))
 
 
 def _same_length(start: int, chunk: Sequence[Item],
@@ -183,17 +186,18 @@ def _checked(index: int, item: Item, score: ItemScore) -> ItemScore:
         problems.append(f"{n} rewards for {len(score.token_ids)} token ids")
     if score.offsets is not None and len(score.offsets) != n:
         problems.append(f"{len(score.offsets)} offsets for {n} rewards")
-    policy = score.policy_rewards
-    if item.policy_offsets is not None:
-        policy = np.zeros(0, np.float32) if policy is None else policy
-        if len(policy) != len(item.policy_offsets):
-            problems.append(f"{len(policy)} policy rewards for {len(item.policy_offsets)} "
-                            "policy tokens")
+    if score.tokens is not None and len(score.tokens) != n:
+        problems.append(f"{len(score.tokens)} tokens for {n} rewards")
+    span_rewards = score.span_rewards
+    if item.spans is not None:
+        span_rewards = np.zeros(0, np.float32) if span_rewards is None else span_rewards
+        if len(span_rewards) != len(item.spans):
+            problems.append(f"{len(span_rewards)} span rewards for {len(item.spans)} spans")
     if not np.all(np.isfinite(score.rewards)) or not math.isfinite(score.total):
         problems.append("non-finite rewards")
     if problems:
         raise ResultError(f"items[{index}]: the server's answer is wrong: "
                           + "; ".join(problems))
-    if policy is score.policy_rewards:
+    if span_rewards is score.span_rewards:
         return score
-    return ItemScore(score.rewards, score.token_ids, score.offsets, score.total, policy)
+    return dataclasses.replace(score, span_rewards=span_rewards)

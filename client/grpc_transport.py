@@ -55,12 +55,12 @@ class GrpcTransport:
                           max_request_bytes=m.limits.max_message_bytes),
             tokenizer_sha256=m.tokenizer_sha256)
 
-    async def score(self, items: Sequence[Item], with_offsets: bool,
+    async def score(self, items: Sequence[Item], return_tokens: bool,
                     timeout_s: float) -> list[ItemScore]:
         request = pb.ScoreRequest(items=[_item_proto(it) for it in items],
-                                  return_tokens=with_offsets)
+                                  return_tokens=return_tokens)
         answer = await self._call(self._connected()[0].Score, request, timeout_s)
-        return [_score(r, with_offsets) for r in answer.results]
+        return [_score(r, return_tokens) for r in answer.results]
 
     async def healthy(self, timeout_s: float) -> bool:
         try:
@@ -100,16 +100,19 @@ def _error(target: str, exc: grpc.aio.AioRpcError) -> Exception:
 
 def _item_proto(item: Item) -> pb.Item:
     if item.response is not None:
-        spans = [pb.Span(start=a, end=b) for a, b in item.policy_offsets or ()]
+        spans = [pb.Span(start=a, end=b) for a, b in item.spans or ()]
         return pb.Item(prompt=item.prompt or "", response=item.response, spans=spans)
     return pb.Item(prompt_ids=item.prompt_ids or (), response_ids=item.response_ids or ())
 
 
-def _score(r: pb.ItemResult, with_offsets: bool) -> ItemScore:
+def _score(r: pb.ItemResult, return_tokens: bool) -> ItemScore:
+    """Repeated fields cannot be null: empty offsets (a token item) and spans mean none."""
     offsets = np.asarray(r.offsets, dtype=np.int64).reshape(-1, 2) \
-        if with_offsets and len(r.offsets) else None
+        if return_tokens and len(r.offsets) else None
     return ItemScore(
         rewards=np.asarray(r.rewards, dtype=np.float32),
-        token_ids=np.asarray(r.token_ids, dtype=np.int64), offsets=offsets, total=r.total,
-        policy_rewards=np.asarray(r.span_rewards, dtype=np.float32) if len(r.span_rewards)
-        else None)
+        token_ids=np.asarray(r.token_ids, dtype=np.int64), offsets=offsets,
+        tokens=list(r.tokens) if return_tokens else None,
+        span_rewards=np.asarray(r.span_rewards, dtype=np.float32) if len(r.span_rewards)
+        else None,
+        total=r.total)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 import numpy as np
 
-from tokenrm.client.errors import AuthenticationError, InputError, ServerError
+from tokenrm.client.errors import AuthenticationError, InputError, ResultError, ServerError
 from tokenrm.client.retry import Retryable
 from tokenrm.client.types import Item, ItemScore, Limits, ModelInfo
 
@@ -25,21 +26,23 @@ class HttpTransport:
 
     async def model_info(self, timeout_s: float) -> ModelInfo:
         body = await self._request("GET", "/v1/model", None, timeout_s)
-        limits = body["limits"]
-        return ModelInfo(
-            name=body["name"], kind=body["kind"], labels=tuple(body["labels"]),
-            reward_rule=body["reward_rule"], vocab_size=body["vocab_size"],
-            max_len=body["max_len"],
-            limits=Limits(max_items_per_request=limits["max_items_per_request"],
-                          max_tokens_per_item=limits["max_tokens_per_item"],
-                          max_request_bytes=limits["max_body_bytes"]),
-            tokenizer_sha256=body.get("tokenizer_sha256", ""))
+        with _tokenrm_answer(f"{self.url}/v1/model"):
+            limits = body["limits"]
+            return ModelInfo(
+                name=body["name"], kind=body["kind"], labels=tuple(body["labels"]),
+                reward_rule=body["reward_rule"], vocab_size=body["vocab_size"],
+                max_len=body["max_len"],
+                limits=Limits(max_items_per_request=limits["max_items_per_request"],
+                              max_tokens_per_item=limits["max_tokens_per_item"],
+                              max_request_bytes=limits["max_body_bytes"]),
+                tokenizer_sha256=body.get("tokenizer_sha256", ""))
 
-    async def score(self, items: Sequence[Item], with_offsets: bool,
+    async def score(self, items: Sequence[Item], return_tokens: bool,
                     timeout_s: float) -> list[ItemScore]:
-        request = {"items": [_item_json(it) for it in items], "return_tokens": with_offsets}
+        request = {"items": [_item_json(it) for it in items], "return_tokens": return_tokens}
         body = await self._request("POST", "/score", request, timeout_s)
-        return [_score(r) for r in body["results"]]
+        with _tokenrm_answer(f"{self.url}/score"):
+            return [_score(r) for r in body["results"]]
 
     async def healthy(self, timeout_s: float) -> bool:
         try:
@@ -58,9 +61,13 @@ class HttpTransport:
             raise Retryable(f"{self.url}: {type(exc).__name__}: {exc}",
                             endpoint_down=True) from exc
         if response.status_code == 200:
-            return response.json()
+            with _tokenrm_answer(f"{self.url}{path}"):
+                return response.json()
         error = _error_body(response)
-        message = f"{self.url}{path}: {response.status_code} {error.get('message', '')}".strip()
+        detail = error.get("message", "")
+        if error.get("code"):
+            detail = f"{error['code']}: {detail}"
+        message = f"{self.url}{path}: {response.status_code} {detail}".strip()
         if response.status_code in RETRY_STATUSES:
             raise Retryable(message, _retry_after(response),
                             endpoint_down=response.status_code not in BUSY_STATUSES)
@@ -74,22 +81,33 @@ class HttpTransport:
 def _item_json(item: Item) -> dict[str, Any]:
     if item.response is not None:
         out: dict[str, Any] = {"prompt": item.prompt or "", "response": item.response}
-        if item.policy_offsets is not None:
-            out["spans"] = [list(span) for span in item.policy_offsets]
+        if item.spans is not None:
+            out["spans"] = [list(span) for span in item.spans]
         return out
     return {"prompt_ids": list(item.prompt_ids or []),
             "response_ids": list(item.response_ids or [])}
 
 
 def _score(r: dict[str, Any]) -> ItemScore:
-    offsets = r.get("offsets")
-    spans = r.get("span_rewards")
+    offsets, tokens, spans = r.get("offsets"), r.get("tokens"), r.get("span_rewards")
     return ItemScore(
         rewards=np.asarray(r["rewards"], dtype=np.float32),
         token_ids=np.asarray(r["token_ids"], dtype=np.int64),
         offsets=None if offsets is None else np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
-        total=float(r["total"]),
-        policy_rewards=None if spans is None else np.asarray(spans, dtype=np.float32))
+        tokens=None if tokens is None else [str(t) for t in tokens],
+        span_rewards=None if spans is None else np.asarray(spans, dtype=np.float32),
+        total=float(r["total"]))
+
+
+@contextlib.contextmanager
+def _tokenrm_answer(where: str) -> Iterator[None]:
+    """A 200 answer that is not the JSON a tokenrm server sends (another server at this URL,
+    say) is a ResultError, not a KeyError from deep inside."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ResultError(f"{where}: not a tokenrm answer ({type(exc).__name__}: {exc})"
+                          ) from None
 
 
 def _error_body(response: httpx.Response) -> dict[str, Any]:

@@ -18,7 +18,7 @@ HEALTH_TIMEOUT_S = 2.0
 class Transport(Protocol):
     async def model_info(self, timeout_s: float) -> ModelInfo: ...
 
-    async def score(self, items: Sequence[Item], with_offsets: bool,
+    async def score(self, items: Sequence[Item], return_tokens: bool,
                     timeout_s: float) -> list[ItemScore]: ...
 
     async def healthy(self, timeout_s: float) -> bool: ...
@@ -31,6 +31,7 @@ class Endpoint:
         self.name, self.transport = name, transport
         self.outstanding = 0
         self.up = True
+        self.last_error = ""     # why it left the rotation, said when every endpoint is down
         self._probe: asyncio.Task[None] | None = None
 
 
@@ -46,13 +47,15 @@ class Pool:
         failure inside takes it out of the rotation until its health check passes."""
         live = [e for e in self.endpoints if e.up]
         if not live:
-            raise Retryable("every endpoint is down: " + ", ".join(e.name for e in self.endpoints))
+            raise Retryable("every endpoint is down: "
+                            + "; ".join(e.last_error or e.name for e in self.endpoints))
         endpoint = min(live, key=lambda e: e.outstanding)
         endpoint.outstanding += 1
         try:
             yield endpoint
         except Retryable as exc:
             if exc.endpoint_down:
+                endpoint.last_error = exc.message
                 self._take_down(endpoint)
             raise
         finally:

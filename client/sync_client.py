@@ -44,16 +44,16 @@ class RewardClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def score(self, items: Sequence[Item], *, with_offsets: bool = False,
+    def score(self, items: Sequence[Item], *, return_tokens: bool = False,
               timeout_s: float | None = None) -> list[ItemScore]:
         """See AsyncRewardClient.score."""
-        return self.submit(items, with_offsets=with_offsets, timeout_s=timeout_s).result()
+        return self.submit(items, return_tokens=return_tokens, timeout_s=timeout_s).result()
 
-    def submit(self, items: Sequence[Item], *, with_offsets: bool = False,
+    def submit(self, items: Sequence[Item], *, return_tokens: bool = False,
                timeout_s: float | None = None) -> Future[list[ItemScore]]:
         """Start scoring `items` and return at once (e.g. to generate the next batch meanwhile);
         the future's result() gives what `score` would return, or raises what it would raise."""
-        return self._submit(self._client.score(items, with_offsets=with_offsets,
+        return self._submit(self._client.score(items, return_tokens=return_tokens,
                                                timeout_s=timeout_s))
 
     def model_info(self, timeout_s: float | None = None) -> ModelInfo:

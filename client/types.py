@@ -13,22 +13,21 @@ class Item:
     """One (prompt, response) to score: text, or the exact token ids of the model input.
 
     Build it with `Item.text(...)` or `Item.tokens(...)`. For a policy whose tokenizer is not the
-    reward model's, give `policy_offsets`: the character span [start, end) of each policy token
-    in `response`; the score then carries one reward per policy token (`policy_rewards`).
+    reward model's, give a text item `spans`: the character span [start, end) of each policy
+    token in `response`; the score then carries one reward per span (`span_rewards`).
     """
 
     prompt: str | None = None
     response: str | None = None
     prompt_ids: Sequence[int] | None = None
     response_ids: Sequence[int] | None = None
-    policy_offsets: Sequence[tuple[int, int]] | None = None
+    spans: Sequence[tuple[int, int]] | None = None
 
     @classmethod
     def text(cls, prompt: str, response: str,
-             policy_offsets: Sequence[tuple[int, int]] | None = None) -> Item:
+             spans: Sequence[tuple[int, int]] | None = None) -> Item:
         return cls(prompt=prompt, response=response,
-                   policy_offsets=None if policy_offsets is None
-                   else [(int(a), int(b)) for a, b in policy_offsets])
+                   spans=None if spans is None else [(int(a), int(b)) for a, b in spans])
 
     @classmethod
     def tokens(cls, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Item:
@@ -38,13 +37,15 @@ class Item:
 
 @dataclass(frozen=True)
 class ItemScore:
-    """The rewards of one item, whichever transport brought them."""
+    """The rewards of one item, whichever transport brought them; named as on the wire."""
 
     rewards: np.ndarray                  # float32, one per response token of the reward model
     token_ids: np.ndarray                # int64, the response tokens that were scored
-    offsets: np.ndarray | None           # int64 (n, 2): character span of each token (text items)
+    offsets: np.ndarray | None           # int64 (n, 2): character span of each token (text
+                                         # items, with return_tokens)
+    tokens: list[str] | None             # the token strings (with return_tokens)
+    span_rewards: np.ndarray | None      # float32, one per span of the item (with spans)
     total: float                         # sum of rewards (float64)
-    policy_rewards: np.ndarray | None    # float32, one per policy token (with policy_offsets)
 
 
 @dataclass(frozen=True)

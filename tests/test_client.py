@@ -84,8 +84,8 @@ def many_items(n: int, seed: int = 1) -> list[Item]:
 def as_json(item: Item) -> dict[str, Any]:
     if item.response is not None:
         out: dict[str, Any] = {"prompt": item.prompt, "response": item.response}
-        if item.policy_offsets is not None:
-            out["spans"] = [list(s) for s in item.policy_offsets]
+        if item.spans is not None:
+            out["spans"] = [list(s) for s in item.spans]
         return out
     return {"prompt_ids": list(item.prompt_ids or []),
             "response_ids": list(item.response_ids or [])}
@@ -99,6 +99,7 @@ class Served:
     token_ids: np.ndarray
     total: float
     offsets: np.ndarray | None
+    tokens: list[str] | None
     span_rewards: np.ndarray | None
 
 
@@ -115,7 +116,7 @@ def served(url: str, items: Sequence[Item], *, per_request: int = 256,
             out.append(Served(
                 np.array(x["rewards"], dtype=np.float32), np.array(x["token_ids"], dtype=np.int64),
                 x["total"], None if x["offsets"] is None
-                else np.array(x["offsets"], dtype=np.int64).reshape(-1, 2),
+                else np.array(x["offsets"], dtype=np.int64).reshape(-1, 2), x["tokens"],
                 None if x["span_rewards"] is None
                 else np.array(x["span_rewards"], dtype=np.float32)))
     return out
@@ -223,11 +224,13 @@ def test_results_equal_the_servers_own(server: Running, scheme: str) -> None:
     want = served(server.url, ITEMS)
     with RewardClient(url_of(server, scheme), timeout_s=TIMEOUT) as client:
         plain = client.score(ITEMS)
-        with_offsets = client.score(ITEMS, with_offsets=True)
+        with_tokens = client.score(ITEMS, return_tokens=True)
     assert_same(plain, want, exact=True)
-    assert_same(with_offsets, want, exact=True)
-    for item, p, o, w in zip(ITEMS, plain, with_offsets, want, strict=True):
-        assert p.offsets is None and p.policy_rewards is None and o.policy_rewards is None
+    assert_same(with_tokens, want, exact=True)
+    for item, p, o, w in zip(ITEMS, plain, with_tokens, want, strict=True):
+        assert p.offsets is None and p.span_rewards is None and o.span_rewards is None
+        assert p.tokens is None and o.tokens is not None and o.tokens == w.tokens
+        assert len(o.tokens) == len(w.rewards)
         if item.response is None:
             assert o.offsets is None
         else:
@@ -243,13 +246,13 @@ def test_async_client_results_equal_the_servers_own(server: Running, scheme: str
     async def main() -> tuple[list[ItemScore], list[ItemScore]]:
         async with AsyncRewardClient(url_of(server, scheme), timeout_s=TIMEOUT) as client:
             return (await client.score(ITEMS),
-                    await client.score(ITEMS, with_offsets=True))
+                    await client.score(ITEMS, return_tokens=True))
 
-    plain, with_offsets = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    plain, with_tokens = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
     assert_same(plain, want, exact=True)
-    assert_same(with_offsets, want, exact=True)
-    for p, o, w in zip(plain, with_offsets, want, strict=True):
-        assert p.offsets is None
+    assert_same(with_tokens, want, exact=True)
+    for p, o, w in zip(plain, with_tokens, want, strict=True):
+        assert p.offsets is None and p.tokens is None and o.tokens == w.tokens
         assert (o.offsets is None) == (w.offsets is None)
         if o.offsets is not None and w.offsets is not None:
             assert np.array_equal(o.offsets, w.offsets)
@@ -296,24 +299,24 @@ def test_items_per_request_splits_further_and_max_in_flight_bounds_concurrency(
     assert_same(got, want, exact=False)
 
 
-# ---------------------------------------------------------------- 3. policy alignment
+# ---------------------------------------------------------------- 3. policy alignment (spans)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_policy_offsets_give_one_reward_per_policy_token_summing_to_the_total(
-        server: Running, scheme: str) -> None:
-    items = [Item.text(i.prompt or "", i.response or "", policy_offsets=_words(i.response or ""))
+def test_spans_give_one_reward_per_span_summing_to_the_total(server: Running,
+                                                            scheme: str) -> None:
+    items = [Item.text(i.prompt or "", i.response or "", spans=_words(i.response or ""))
              for i in ITEMS if i.response is not None]
     want = served(server.url, items)
     with RewardClient(url_of(server, scheme), timeout_s=TIMEOUT) as client:
         got = client.score(items)
     assert_same(got, want, exact=True)
     for item, g, w in zip(items, got, want, strict=True):
-        assert g.policy_rewards is not None and g.policy_rewards.dtype == np.float32
-        assert len(g.policy_rewards) == len(item.policy_offsets or [])
+        assert g.span_rewards is not None and g.span_rewards.dtype == np.float32
+        assert len(g.span_rewards) == len(item.spans or [])
         assert w.span_rewards is not None
-        assert np.array_equal(g.policy_rewards, w.span_rewards)
-        assert float(np.sum(g.policy_rewards, dtype=np.float64)) == \
+        assert np.array_equal(g.span_rewards, w.span_rewards)
+        assert float(np.sum(g.span_rewards, dtype=np.float64)) == \
             pytest.approx(g.total, abs=1e-5)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ from tokenrm.client import (
 )
 from tokenrm.client.async_client import AsyncRewardClient, _checked, make_transport
 from tokenrm.client.grpc_transport import _error as grpc_error
+from tokenrm.client.http_transport import HttpTransport
 from tokenrm.client.retry import Retryable
 
 
@@ -31,7 +33,7 @@ def _info(items: int = 4, request_bytes: int = 1_000_000) -> ModelInfo:
 
 def _score(n: int, **changes: object) -> ItemScore:
     fields = {"rewards": np.zeros(n, np.float32), "token_ids": np.arange(n), "offsets": None,
-              "total": 0.0, "policy_rewards": None, **changes}
+              "tokens": None, "span_rewards": None, "total": 0.0, **changes}
     return ItemScore(**fields)  # type: ignore[arg-type]
 
 
@@ -65,8 +67,10 @@ def test_an_answer_that_does_not_fit_its_item_is_refused() -> None:
         _checked(7, item, _score(2))
     with pytest.raises(ResultError, match="non-finite"):
         _checked(0, item, _score(3, rewards=np.array([0, np.nan, 0], np.float32)))
-    text = Item.text("p", "a b", policy_offsets=[(0, 1), (1, 3)])
-    with pytest.raises(ResultError, match="0 policy rewards for 2 policy tokens"):
+    with pytest.raises(ResultError, match="2 tokens for 3 rewards"):
+        _checked(0, item, _score(3, tokens=["a", "b"]))
+    text = Item.text("p", "a b", spans=[(0, 1), (1, 3)])
+    with pytest.raises(ResultError, match="0 span rewards for 2 spans"):
         _checked(0, text, _score(2))
 
 
@@ -98,3 +102,41 @@ def test_grpc_statuses_map_to_retries_server_errors_and_input_errors() -> None:
     too_big = grpc_error("t", _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, **{
         "tokenrm-error-code": "payload_too_large"}))
     assert isinstance(too_big, InputError)  # another try cannot fix it
+
+
+@pytest.mark.parametrize("body", [b"<html>not json</html>", b'{"results": 3}', b"[]"])
+def test_a_200_answer_that_is_not_tokenrms_json_is_a_result_error(body: bytes) -> None:
+    async def main() -> None:
+        transport = HttpTransport("http://h:1", None)
+        await transport._http.aclose()
+        transport._http = httpx.AsyncClient(base_url="http://h:1", transport=httpx.MockTransport(
+            lambda request: httpx.Response(200, content=body)))
+        try:
+            with pytest.raises(ResultError, match=r"http://h:1/score: not a tokenrm answer"):
+                await transport.score([Item.tokens([1], [2])], False, 5.0)
+            with pytest.raises(ResultError, match=r"http://h:1/v1/model: not a tokenrm answer"):
+                await transport.model_info(5.0)
+        finally:
+            await transport.close()
+
+    asyncio.run(main())
+
+
+def test_an_http_input_error_says_the_servers_error_code() -> None:
+    async def main() -> InputError:
+        transport = HttpTransport("http://h:1", None)
+        await transport._http.aclose()
+        answer = {"error": {"code": "invalid_input", "message": "items[0].response: empty",
+                            "item": 0, "field": "response"}}
+        transport._http = httpx.AsyncClient(base_url="http://h:1", transport=httpx.MockTransport(
+            lambda request: httpx.Response(422, json=answer)))
+        try:
+            with pytest.raises(InputError) as refused:
+                await transport.score([Item.text("p", "")], False, 5.0)
+        finally:
+            await transport.close()
+        return refused.value
+
+    error = asyncio.run(main())
+    assert error.message == "http://h:1/score: 422 invalid_input: items[0].response: empty"
+    assert (error.item, error.field) == (0, "response")

@@ -1,4 +1,5 @@
-"""`tokenrm score`: the pure rendering, then the command against a real server."""
+"""`tokenrm score`: the pure rendering, then the command against real servers (HTTP and gRPC,
+API keys, errors as one line, --json in /score's shape)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,32 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
+import numpy as np
 import pytest
 from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
+from tokenrm.cli.score_run import client_url
 from tokenrm.cli.score_view import (
+    ScoreCliError,
     most_negative,
     render_response,
     render_table,
     reward_style,
+    show,
 )
-from tokenrm.server.process import free_port, serve
+from tokenrm.client import ItemScore
+from tokenrm.server.process import Running, free_port, serve
+
+SCHEMES = ["http", "grpc"]
 
 RESPONSE = "Ana lives in Lima."
 OFFSETS = [[0, 3], [3, 9], [9, 12], [12, 17], [17, 18]]
@@ -70,11 +82,10 @@ def test_a_logit_head_is_scaled_to_its_largest_reward() -> None:
 
 @pytest.mark.parametrize(("response", "offsets", "rewards"), [
     (RESPONSE, OFFSETS, REWARDS),
-    # Gaps the tokenizer does not cover (spaces, a trailing newline) are shown plain.
+    # Gaps, pooled and zero-width tokens, overlaps: which piece shows what is
+    # tokenrm.core.segments' job (tests/test_segments.py); the text shows each piece once.
     ("Ana lives\tin Lima.\n", [[0, 3], [4, 9], [10, 12], [13, 18]], [-0.5, 0.5, -0.1, 0.2]),
-    # Several byte-level tokens of one character, a zero-width token, overlaps.
     ("Łódź ok", [[0, 1], [0, 1], [1, 4], [4, 4], [3, 7]], [0.1, -0.6, 0.2, 0.3, -0.9]),
-    # Multi-line text; offsets past the end are clamped.
     ("one\ntwo\n", [[0, 3], [3, 7], [7, 99]], [1.0, -1.0, 0.0]),
     ("x", [], []),
 ])
@@ -104,11 +115,6 @@ def test_a_zero_width_token_colours_the_next_token() -> None:
     assert (rows[0].text, rows[0].start, rows[0].end) == ("Ġ", 3, 3)
 
 
-def test_mismatched_offsets_and_rewards_are_refused() -> None:
-    with pytest.raises(ValueError, match="2 offsets but 1 rewards"):
-        render_response("ab", [[0, 1], [1, 2]], [0.5])
-
-
 def test_most_negative_is_sorted_and_has_k_entries() -> None:
     for k in (1, 3, 5):
         rows = most_negative(RESPONSE, OFFSETS, REWARDS, k)
@@ -130,6 +136,29 @@ def test_table_shows_text_offsets_and_reward_without_reading_markup() -> None:
     assert out.index("-0.700") < out.index("+0.100")
 
 
+
+
+def test_show_prints_the_model_the_coloured_response_the_table_and_the_total() -> None:
+    score = ItemScore(np.array(REWARDS, np.float32), np.arange(5), np.array(OFFSETS),
+                      ["Ana", "Ġlives", "Ġin", "ĠLima", "."], None, float(sum(REWARDS)))
+    console = Console(width=80, record=True, color_system=None)
+    show(console, RESPONSE, score, "tiny-rm", 2)
+    out = console.export_text()
+    assert out.startswith("model tiny-rm · 5 response tokens\nAna lives in Lima.\n")
+    assert "' lives'" in out and "' Lima'" in out and "' in'" not in out  # the 2 lowest
+    assert "total -0.040" in out
+    with pytest.raises(ScoreCliError, match="no token offsets"):
+        show(console, RESPONSE, ItemScore(score.rewards, score.token_ids, None, None, None, 0.0),
+             "tiny-rm", 2)
+
+
+def test_urls_for_the_client() -> None:
+    assert client_url("http://h:8000/score") == "http://h:8000"
+    assert client_url("https://h/prefix/score/") == "https://h/prefix"
+    assert client_url("http://h:8000/") == "http://h:8000"
+    assert client_url("grpc://h:50051") == "grpc://h:50051"
+
+
 # --- the command against a real server -----------------------------------------------------
 
 
@@ -138,16 +167,54 @@ def _score(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[
                           input=stdin, capture_output=True, text=True, timeout=120, check=False)
 
 
+def _assert_one_line_error(run: subprocess.CompletedProcess[str]) -> None:
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("tokenrm score: ")
+    assert "Traceback" not in run.stderr
+    assert run.stdout == ""
+
+
 @pytest.fixture(scope="module")
-def server_url(tiny_checkpoint: Path) -> Iterator[str]:
-    with serve(tiny_checkpoint) as server:
-        yield server.url
+def servers(tiny_checkpoint: Path) -> Iterator[dict[str, Running]]:
+    """An open server and one that wants the API key "k1", started at once."""
+    contexts = {"open": serve(tiny_checkpoint), "guarded": serve(
+        tiny_checkpoint, env={"TOKENRM_API_KEYS": "k1"})}
+    with ThreadPoolExecutor(len(contexts)) as pool:
+        entered = {name: pool.submit(cm.__enter__) for name, cm in contexts.items()}
+    try:
+        yield {name: f.result() for name, f in entered.items()}
+    finally:
+        for name, f in entered.items():
+            if f.exception() is None:
+                contexts[name].__exit__(None, None, None)
 
 
-def test_score_prints_the_coloured_response_a_table_and_the_total(server_url: str) -> None:
-    run = _score("--url", server_url, "--prompt", "Where does Ana live?",
+@pytest.fixture(scope="module")
+def server(servers: dict[str, Running]) -> Running:
+    return servers["open"]
+
+
+def url_of(server: Running, scheme: str) -> str:
+    return server.url if scheme == "http" else f"grpc://{server.grpc_target}"
+
+
+def _direct(server: Running, prompt: str, response: str) -> dict[str, Any]:
+    """The server's own answer to POST /score with return_tokens."""
+    answer = httpx.post(f"{server.url}/score", timeout=30, json={
+        "items": [{"prompt": prompt, "response": response}], "return_tokens": True})
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_score_prints_the_coloured_response_a_table_and_the_total(server: Running,
+                                                                  scheme: str) -> None:
+    run = _score("--url", url_of(server, scheme), "--prompt", "Where does Ana live?",
                  "--response", RESPONSE, "--top", "3")
     assert run.returncode == 0, run.stderr
+    model = _direct(server, "Where does Ana live?", RESPONSE)["model"]
+    assert run.stdout.startswith(f"model {model} · ")
     for word in ("Ana", "lives", "in", "Lima."):
         assert word in run.stdout
     assert "most negative tokens" in run.stdout
@@ -155,31 +222,65 @@ def test_score_prints_the_coloured_response_a_table_and_the_total(server_url: st
     assert "Traceback" not in run.stderr
 
 
-def test_score_json_reads_stdin_and_prints_the_raw_answer(server_url: str) -> None:
-    run = _score("--url", server_url, "--prompt", "Where does Ana live?",
+@pytest.mark.parametrize(("scheme", "path"), [("http", ""), ("http", "/score"), ("grpc", "")])
+def test_score_json_reads_stdin_and_prints_the_answer_in_score_shape(server: Running,
+                                                                     scheme: str,
+                                                                     path: str) -> None:
+    run = _score("--url", url_of(server, scheme) + path, "--prompt", "Where does Ana live?",
                  "--response-file", "-", "--json", stdin=RESPONSE)
     assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)["results"][0]
+    printed = json.loads(run.stdout)
+    want = _direct(server, "Where does Ana live?", RESPONSE)
+    del want["usage"]  # the client does not report it
+    assert printed == want  # same keys, same values, bit for bit
+    result = printed["results"][0]
     assert len(result["rewards"]) == len(result["offsets"]) == len(result["tokens"]) > 0
     assert result["offsets"][-1][1] == len(RESPONSE)
+    assert result["span_rewards"] is None
 
 
-def test_a_server_error_is_one_line_on_stderr_with_exit_2(server_url: str) -> None:
-    run = _score("--url", server_url, "--prompt", "Where does Ana live?", "--response", "")
-    assert run.returncode == 2
+@pytest.mark.parametrize(("scheme", "code"), [("http", "invalid_input"),
+                                              ("grpc", "INVALID_ARGUMENT")])
+def test_a_server_error_is_one_line_on_stderr_with_exit_2(server: Running, scheme: str,
+                                                          code: str) -> None:
+    run = _score("--url", url_of(server, scheme), "--prompt", "Where does Ana live?",
+                 "--response", "")
+    _assert_one_line_error(run)
     assert "items[0].response: empty" in run.stderr
-    assert "invalid_input" in run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in run.stderr
-    assert run.stdout == ""
+    assert code in run.stderr
 
 
-def test_an_unreachable_url_is_named_with_exit_2() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
-    run = _score("--url", url, "--prompt", "p", "--response", "r")
-    assert run.returncode == 2
-    assert f"could not reach {url}" in run.stderr
-    assert "Traceback" not in run.stderr
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_api_keys(servers: dict[str, Running], scheme: str) -> None:
+    url = url_of(servers["guarded"], scheme)
+    for key in ((), ("--api-key", "nope")):
+        started = time.monotonic()
+        run = _score("--url", url, "--prompt", "p", "--response", RESPONSE, *key)
+        _assert_one_line_error(run)
+        assert "--api-key" in run.stderr
+        assert time.monotonic() - started < 30  # refused at once, not retried for 60 s
+    run = _score("--url", url, "--prompt", "p", "--response", RESPONSE, "--api-key", "k1",
+                 "--json")
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads(run.stdout)["results"][0]["rewards"]) > 0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_an_unreachable_url_is_named_with_exit_2_within_the_timeout(scheme: str) -> None:
+    url = f"{scheme}://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    run = _score("--url", url, "--prompt", "p", "--response", "r", "--timeout", "3")
+    elapsed = time.monotonic() - started
+    _assert_one_line_error(run)
+    assert f"no answer from {url} within 3 s" in run.stderr
+    assert "every endpoint is down" in run.stderr  # and why: refused connections
+    assert elapsed < 3 + 15, elapsed  # the timeout, and the interpreter's start on a busy box
+
+
+def test_a_url_the_client_does_not_speak_is_a_clear_error() -> None:
+    run = _score("--url", "ftp://127.0.0.1:1", "--prompt", "p", "--response", "r")
+    _assert_one_line_error(run)
+    assert "http://, https://, grpc:// or grpcs://" in run.stderr
 
 
 def test_an_unreadable_response_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ class RewardSource:
                  ) -> list[np.ndarray]:
         out = [np.zeros(len(r), dtype=np.float32) for r in responses]
         for (i, positions), score in zip(targets, scores, strict=True):
-            out[i][positions] = score.rewards if self.sends_ids else score.policy_rewards
+            out[i][positions] = score.rewards if self.sends_ids else score.span_rewards
         return out
 
     def _item(self, prompt: str, prompt_ids: Sequence[int], response: list[int]
@@ -80,4 +80,4 @@ class RewardSource:
             return Item.tokens(prompt_ids, response), list(range(len(response)))
         text, offsets = decoded_with_offsets(self.tokenizer, response)
         kept = [t for t, (a, b) in enumerate(offsets) if a < b]
-        return Item.text(prompt, text, policy_offsets=[offsets[t] for t in kept]), kept
+        return Item.text(prompt, text, spans=[offsets[t] for t in kept]), kept
