@@ -35,8 +35,8 @@ from load import TRANSPORTS, Body, Row, Target, run_load, sequential_latency, to
 from tokenrm.server.app import available_cores, load_model
 from tokenrm.server.batching import padded_tokens, pick_batch
 from tokenrm.server.calibration import overhead_tokens
+from tokenrm.server.launcher import free_port, launch, stop
 from tokenrm.server.model import RewardModel
-from tokenrm.server.process import free_port, launch, stop
 from tokenrm.server.settings import Settings
 
 HERE = Path(__file__).resolve().parent

@@ -56,8 +56,8 @@ from load import SCORE, Body, cpu_seconds, metrics_text, to_bodies
 from wire import Connection, WireError
 
 from tokenrm.proto import reward_pb2 as pb
+from tokenrm.server.launcher import serve
 from tokenrm.server.model import RewardModel
-from tokenrm.server.process import serve
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -89,7 +89,7 @@ def _experiment(args: argparse.Namespace) -> None:
     policy = args.policy or demo_policy(args.policy_recipe)
     with ExitStack() as stack:
         if not args.server:  # a local server on the demo model, for this experiment only
-            from tokenrm.server.process import serve
+            from tokenrm.server.launcher import serve
             from tokenrm.training.demo import demo_checkpoint
 
             running = stack.enter_context(serve(demo_checkpoint(

@@ -48,10 +48,11 @@ def request_from_json(body: bytes) -> ScoreRequest:
         parsed = schema.ScoreRequest.model_validate_json(body)
     except ValidationError as exc:
         raise _invalid(exc) from None
-    return ScoreRequest([ScoreItem(prompt=i.prompt, response=i.response, prompt_ids=i.prompt_ids,
-                                   response_ids=i.response_ids,
-                                   spans=None if i.spans is None else [(s[0], s[1]) for s in i.spans])
-                         for i in parsed.items], parsed.return_tokens)
+    return ScoreRequest([
+        ScoreItem(prompt=i.prompt, response=i.response, prompt_ids=i.prompt_ids,
+                  response_ids=i.response_ids,
+                  spans=None if i.spans is None else [(s[0], s[1]) for s in i.spans])
+        for i in parsed.items], parsed.return_tokens)
 
 
 def _result_json(r: ItemScore, return_tokens: bool) -> dict[str, Any]:

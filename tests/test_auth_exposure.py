@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.server.app import create_app
-from tokenrm.server.process import Running, free_port, serve, stop
+from tokenrm.server.launcher import Running, free_port, serve, stop
 from tokenrm.server.settings import Settings
 
 TIMEOUT = 30.0

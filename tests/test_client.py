@@ -36,7 +36,7 @@ from tokenrm.client import (
     RewardClient,
     ServerError,
 )
-from tokenrm.server.process import Running, free_port, serve, start, stop
+from tokenrm.server.launcher import Running, free_port, serve, start, stop
 from tokenrm.training import synth
 
 TIMEOUT = 30.0

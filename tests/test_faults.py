@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
-from tokenrm.server.process import free_port
+from tokenrm.server.launcher import free_port
 from tokenrm.training import synth
 
 TIMEOUT = 30.0         # one call; a call that takes longer is a hang

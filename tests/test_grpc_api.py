@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
-from tokenrm.server.process import Running, serve
+from tokenrm.server.launcher import Running, serve
 from tokenrm.training import synth
 
 TIMEOUT = 30.0

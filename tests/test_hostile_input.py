@@ -51,7 +51,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
-from tokenrm.server.process import serve
+from tokenrm.server.launcher import serve
 
 TIMEOUT = 10.0  # any answer slower than this is a hang
 SERVICE = "tokenrm.v1.RewardService"

@@ -30,7 +30,7 @@ from tests.faulty_proxy import FaultyProxy
 from tokenrm.client import Item, ResultError, RewardClient
 from tokenrm.core.spans import decoded_with_offsets
 from tokenrm.core.tokenizer import fingerprint
-from tokenrm.server.process import Running, free_port, serve, start, stop
+from tokenrm.server.launcher import Running, free_port, serve, start, stop
 from tokenrm.training import synth
 from tokenrm.training.ppo.oracle import OracleJudge, Verdict, preference, verdict
 from tokenrm.training.ppo.policy import Policy

@@ -30,7 +30,7 @@ from tokenrm.cli.score_view import (
     show,
 )
 from tokenrm.client import ItemScore
-from tokenrm.server.process import Running, free_port, serve
+from tokenrm.server.launcher import Running, free_port, serve
 
 SCHEMES = ["http", "grpc"]
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from tokenrm.core.encoding import encode
 from tokenrm.core.reward_rule import token_rewards
-from tokenrm.server.process import serve
+from tokenrm.server.launcher import serve
 from tokenrm.training import synth
 
 

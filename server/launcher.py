@@ -1,4 +1,11 @@
-"""Run `tokenrm serve` as a child process on 127.0.0.1: for tests, benchmarks and experiments."""
+"""Start `tokenrm serve` (or any server command) as a child process on 127.0.0.1 and wait
+until it answers: a public helper for tests, benchmarks and experiments.
+
+    from tokenrm.server.launcher import serve
+
+    with serve(checkpoint_dir) as running:        # free ports; SIGTERM on exit
+        client = RewardClient(running.url)        # or f"grpc://{running.grpc_target}"
+"""
 
 from __future__ import annotations
 
