@@ -21,8 +21,12 @@ class Encoded:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> Encoded:
-    """The prompt gets what the tokenizer normally adds (BOS); the response gets nothing added."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    """The prompt gets what the tokenizer normally adds (BOS), unless its text starts with the
+    BOS already (as chat templates' text often does); the response gets nothing added.
+    Special-token text in either (`</s>`, `<|im_end|>`) is read as those special tokens."""
+    bos = tokenizer.bos_token
+    has_bos = isinstance(bos, str) and bool(bos) and prompt.startswith(bos)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"]
     resp = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
     return Encoded(list(prompt_ids), list(resp["input_ids"]),
                    [tuple(o) for o in resp["offset_mapping"]])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -89,3 +89,28 @@ class ModelInfoResponse(BaseModel):
     dtype: str
     device: str
     limits: Limits
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward request: one query (prompt + response text) per sample."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "query": ["<|im_start|>user\nWhere does Ana live?<|im_end|>\n<|im_start|>assistant\n"
+                  "Ana lives in Lima.<|im_end|>"],
+        "prompts": ["<|im_start|>user\nWhere does Ana live?<|im_end|>\n<|im_start|>assistant\n"],
+        "labels": [None]}]})
+
+    query: list[StrictStr] = Field(description="decode(prompt_ids + response_ids), special "
+                                               "tokens kept")
+    prompts: list[StrictStr] = Field(description="the prompt of each query, as the policy saw it")
+    labels: list[Any] | None = Field(None, description="not used by a reward model")
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float] = Field(description="one reward per query (the reduction of its "
+                                             "token rewards; total by default)")
+    scores: list[float] = Field(description="the same as rewards")
+    extra_logs: dict[str, list[float]] = Field(description="per-query scalars worth logging")
+    token_rewards: list[list[float]] = Field(description="the per-token rewards of each "
+                                                         "response (OpenRLHF ignores them)")
+    model: str

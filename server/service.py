@@ -44,6 +44,7 @@ class ServiceInfo:
 class ScoreRequest:
     items: Sequence[ScoreItem]
     return_tokens: bool = False   # token strings (and, over the wire, offsets) in the answer
+    allow_empty: bool = False     # no items: an empty answer (OpenRLHF's protocol), not an error
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class RewardService:
     async def score(self, request: ScoreRequest, timeout_s: float) -> ScoreAnswer:
         """Score the items in order (no admission, no metrics: see `handle`)."""
         items = request.items
+        if not items and request.allow_empty:
+            return ScoreAnswer(self.model.info.name, [], 0)
         if not items:
             raise InvalidInput("items: at least one item is required", field="items")
         if len(items) > self.limits.max_items_per_request:

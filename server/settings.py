@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tokenrm.core.reductions import Reduction
+
 
 class Settings(BaseSettings):
     """Everything the server can be told. Built once at start-up and passed down."""
@@ -53,6 +55,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + forward")
 
     max_items_per_request: int = Field(256, ge=1)
+    get_reward_reduction: Reduction = Field(
+        "total", description="POST /get_reward: how a response's token rewards become its one "
+        "reward (total, mean, min, last); a request's ?reduction= overrides it")
     max_tokens_per_item: int | None = Field(
         None, ge=1, description="prompt + response tokens; unset: the model's maximum")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP request body limit")

@@ -1,0 +1,79 @@
+"""POST /get_reward: OpenRLHF's remote reward protocol (`--reward.remote_url`), on the same
+service, engine, limits, keys and errors as /score.
+
+Each query is the policy's decoded prompt + response; the prompt is found in it (whole, or the
+tail of a prompt cut from the left) and the rest is scored as the response. `rewards` holds one
+scalar per query, reduced from its token rewards (`?reduction=total|mean|min|last`, default
+TOKENRM_GET_REWARD_REDUCTION); the token rewards come along in `token_rewards`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from tokenrm.core.queries import split_query
+from tokenrm.core.reductions import REDUCTIONS, reduce_rewards
+from tokenrm.server import http_schema as schema
+from tokenrm.server.errors import InvalidInput
+from tokenrm.server.http_common import (
+    ERRORS,
+    State,
+    authorized,
+    invalid,
+    json_response,
+    read_body,
+)
+from tokenrm.server.items import ScoreItem
+from tokenrm.server.service import ScoreAnswer, ScoreRequest
+
+router = APIRouter()
+
+
+def request_from_json(body: bytes) -> ScoreRequest:
+    try:
+        parsed = schema.GetRewardRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+    if len(parsed.prompts) != len(parsed.query):
+        raise InvalidInput(f"prompts: {len(parsed.prompts)} prompts for {len(parsed.query)} "
+                           "queries; give one prompt per query", field="prompts")
+    items = []
+    for i, (query, prompt) in enumerate(zip(parsed.query, parsed.prompts, strict=True)):
+        split = split_query(query, prompt)
+        if split is None:
+            raise InvalidInput(f"query[{i}]: does not hold prompts[{i}] (neither whole near its "
+                               "start nor the tail of a prompt cut from the left)",
+                               item=i, field="query")
+        items.append(ScoreItem(prompt=split.prompt, response=split.response))
+    return ScoreRequest(items, allow_empty=True)
+
+
+def answer_json(answer: ScoreAnswer, reduction: str) -> Response:
+    token_rewards = [r.rewards for r in answer.results]
+    rewards = [reduce_rewards(r, reduction) for r in token_rewards]
+    return json_response({
+        "rewards": rewards, "scores": rewards,
+        "extra_logs": {
+            "tokenrm_min_token_reward": [reduce_rewards(r, "min") for r in token_rewards],
+            "tokenrm_negative_tokens": [int((r < 0).sum()) for r in token_rewards],
+            "tokenrm_response_tokens": [len(r) for r in token_rewards]},
+        "token_rewards": token_rewards, "model": answer.model})
+
+
+@router.post("/get_reward", response_model=schema.GetRewardResponse, responses=ERRORS,
+             dependencies=[Depends(authorized)],
+             summary="OpenRLHF's remote reward: one reward per query",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/GetRewardRequest"}}}}})
+async def get_reward(request: Request, state: State, reduction: str | None = None) -> Response:
+    how = reduction or state.settings.get_reward_reduction
+    if how not in REDUCTIONS:
+        raise InvalidInput(f"reduction: {how!r} is not one of {', '.join(REDUCTIONS)}",
+                           field="reduction")
+
+    async def read() -> ScoreRequest:
+        return request_from_json(await read_body(request, state.settings.max_body_bytes))
+
+    return await state.service.handle("openrlhf", read, lambda _r, a: answer_json(a, how))
