@@ -33,15 +33,12 @@ _KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
           (True, True): grpc.stream_stream_rpc_method_handler}
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Before a call reaches a servicer: refuses it without a valid key (when keys are set;
-    health checks are exempt), and for RewardService lets a request that is not a valid
-    message reach the servicer as Undecodable (answered INVALID_ARGUMENT, bad_request) instead
-    of grpcio's own UNKNOWN."""
+class KeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a call without a valid key (installed only when keys are set; health checks are
+    exempt)."""
 
     def __init__(self, keys: KeyChecker) -> None:
         self.keys = keys
-        self._tolerant: dict[str, grpc.RpcMethodHandler] = {}  # by method, made once
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -50,20 +47,45 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method in HEALTH_METHODS:
             return handler
-        if self.keys.required:
-            try:
-                self.keys.check(dict(details.invocation_metadata or ()).get("authorization"))
-            except Unauthenticated as exc:
-                return _refusing(handler, exc)
-        tolerant = self._tolerant.get(details.method)
-        if tolerant is None:
-            service, _, method = details.method.lstrip("/").rpartition("/")
-            if service != SERVICE.full_name:
-                return handler
-            tolerant = _with_deserializer(handler, _tolerant(
-                handler.request_deserializer, SERVICE.methods_by_name[method]))
-            self._tolerant[details.method] = tolerant
-        return tolerant
+        try:
+            self.keys.check(dict(details.invocation_metadata or ()).get("authorization"))
+        except Unauthenticated as exc:
+            return _refusing(handler, exc)
+        return handler
+
+
+class _Tolerant:
+    """The server as the generated add_RewardServiceServicer_to_server sees it: each handler it
+    registers gets a deserializer that hands a request that is not a valid message to the
+    servicer as Undecodable (answered INVALID_ARGUMENT, bad_request) instead of letting grpcio
+    fail the call itself. Done once, at registration: no cost per call."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_TolerantGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: _tolerant_handler(h, name) for name, h in handlers.items()})
+
+
+class _TolerantGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self.inner = inner
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self.inner.service(details)
+        if handler is None:
+            return None
+        return _tolerant_handler(handler, details.method.rpartition("/")[2])
+
+
+def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    return _with_deserializer(handler, _tolerant(handler.request_deserializer,
+                                                 SERVICE.methods_by_name[method]))
 
 
 def _tolerant(decode: Callable[[bytes], Any], method: Any) -> Callable[[bytes], Any]:
@@ -109,10 +131,11 @@ async def grpc_serving(state: ServerState) -> AsyncIterator[int]:
     period (settings.grace_s from the first signal) to finish."""
     s = state.settings
     size = s.grpc_max_message_bytes
-    server = grpc.aio.server(interceptors=[GuardInterceptor(state.keys)], options=[
+    interceptors = [KeyInterceptor(state.keys)] if state.keys.required else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0)])  # a port in use is an error, not a silently shared port
-    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(state.service), server)
+    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(state.service), _Tolerant(server))
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME,
