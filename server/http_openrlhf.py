@@ -14,17 +14,10 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from tokenrm.core.queries import split_query
-from tokenrm.core.reductions import REDUCTIONS, reduce_rewards
+from tokenrm.core.reductions import REDUCTIONS, reduce_rewards, token_summary
+from tokenrm.server import http_common as web
 from tokenrm.server import http_schema as schema
 from tokenrm.server.errors import InvalidInput
-from tokenrm.server.http_common import (
-    ERRORS,
-    State,
-    authorized,
-    invalid,
-    json_response,
-    read_body,
-)
 from tokenrm.server.items import ScoreItem
 from tokenrm.server.service import ScoreAnswer, ScoreRequest
 
@@ -35,7 +28,7 @@ def request_from_json(body: bytes) -> ScoreRequest:
     try:
         parsed = schema.GetRewardRequest.model_validate_json(body)
     except ValidationError as exc:
-        raise invalid(exc) from None
+        raise web.invalid(exc) from None
     if len(parsed.prompts) != len(parsed.query):
         raise InvalidInput(f"prompts: {len(parsed.prompts)} prompts for {len(parsed.query)} "
                            "queries; give one prompt per query", field="prompts")
@@ -53,27 +46,24 @@ def request_from_json(body: bytes) -> ScoreRequest:
 def answer_json(answer: ScoreAnswer, reduction: str) -> Response:
     token_rewards = [r.rewards for r in answer.results]
     rewards = [reduce_rewards(r, reduction) for r in token_rewards]
-    return json_response({
-        "rewards": rewards, "scores": rewards,
-        "extra_logs": {
-            "tokenrm_min_token_reward": [reduce_rewards(r, "min") for r in token_rewards],
-            "tokenrm_negative_tokens": [int((r < 0).sum()) for r in token_rewards],
-            "tokenrm_response_tokens": [len(r) for r in token_rewards]},
-        "token_rewards": token_rewards, "model": answer.model})
+    summaries = [token_summary(r) for r in token_rewards]
+    logs = {k: [s[k] for s in summaries] for k in summaries[0]} if summaries else {}
+    return web.json_response({"rewards": rewards, "scores": rewards, "extra_logs": logs,
+                          "token_rewards": token_rewards, "model": answer.model})
 
 
-@router.post("/get_reward", response_model=schema.GetRewardResponse, responses=ERRORS,
-             dependencies=[Depends(authorized)],
+@router.post("/get_reward", response_model=schema.GetRewardResponse, responses=web.ERRORS,
+             dependencies=[Depends(web.authorized)],
              summary="OpenRLHF's remote reward: one reward per query",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/GetRewardRequest"}}}}})
-async def get_reward(request: Request, state: State, reduction: str | None = None) -> Response:
+async def get_reward(request: Request, state: web.State, reduction: str | None = None) -> Response:
     how = reduction or state.settings.get_reward_reduction
     if how not in REDUCTIONS:
         raise InvalidInput(f"reduction: {how!r} is not one of {', '.join(REDUCTIONS)}",
                            field="reduction")
 
     async def read() -> ScoreRequest:
-        return request_from_json(await read_body(request, state.settings.max_body_bytes))
+        return request_from_json(await web.read_body(request, state.settings.max_body_bytes))
 
     return await state.service.handle("openrlhf", read, lambda _r, a: answer_json(a, how))

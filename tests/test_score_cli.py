@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
+from tests.test_segments import COVERAGE_CASES
 from tokenrm.cli.score_run import client_url
 from tokenrm.cli.score_view import (
     ScoreCliError,
@@ -80,15 +81,7 @@ def test_a_logit_head_is_scaled_to_its_largest_reward() -> None:
     assert _style_at(text, 1) is None                 # 0.1 of 8 is near zero
 
 
-@pytest.mark.parametrize(("response", "offsets", "rewards"), [
-    (RESPONSE, OFFSETS, REWARDS),
-    # Gaps, pooled and zero-width tokens, overlaps: which piece shows what is
-    # tokenrm.core.segments' job (tests/test_segments.py); the text shows each piece once.
-    ("Ana lives\tin Lima.\n", [[0, 3], [4, 9], [10, 12], [13, 18]], [-0.5, 0.5, -0.1, 0.2]),
-    ("Łódź ok", [[0, 1], [0, 1], [1, 4], [4, 4], [3, 7]], [0.1, -0.6, 0.2, 0.3, -0.9]),
-    ("one\ntwo\n", [[0, 3], [3, 7], [7, 99]], [1.0, -1.0, 0.0]),
-    ("x", [], []),
-])
+@pytest.mark.parametrize(("response", "offsets", "rewards"), COVERAGE_CASES)
 def test_every_character_appears_once_in_order(response: str, offsets: list[list[int]],
                                                 rewards: list[float]) -> None:
     text = render_response(response, offsets, rewards)

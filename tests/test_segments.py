@@ -52,14 +52,18 @@ def test_hand_computed_segments(response: str, offsets: list[list[int]], rewards
     assert all(isinstance(p, Segment) for p in pieces)
 
 
-@pytest.mark.parametrize(("response", "offsets", "rewards"), [
+# Gaps, pooled and zero-width tokens, overlaps (also drawn by tests/test_score_cli.py).
+COVERAGE_CASES = [
     (RESPONSE, OFFSETS, REWARDS),
     ("Ana lives\tin Lima.\n", [[0, 3], [4, 9], [10, 12], [13, 18]], [-0.5, 0.5, -0.1, 0.2]),
     ("Łódź ok", [[0, 1], [0, 1], [1, 4], [4, 4], [3, 7]], [0.1, -0.6, 0.2, 0.3, -0.9]),
     ("one\ntwo\n", [[0, 3], [3, 7], [7, 99]], [1.0, -1.0, 0.0]),
     ("x", [], []),
     ("abcdef", [[2, 2], [4, 6], [0, 3], [3, 3], [5, 9]], [0.5, -0.25, 1.0, 2.0, -4.0]),
-])
+]
+
+
+@pytest.mark.parametrize(("response", "offsets", "rewards"), COVERAGE_CASES)
 def test_every_character_is_covered_once_in_order_and_rewards_are_kept(
         response: str, offsets: list[list[int]], rewards: list[float]) -> None:
     pieces = reward_segments(len(response), offsets, rewards)
