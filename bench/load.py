@@ -37,10 +37,11 @@ TRANSPORTS = ("http", "grpc", "grpc-stream")
 class Body:
     """One request, pre-encoded for each transport."""
 
-    json: bytes          # POST /score body
+    json: bytes          # POST body
     proto: bytes         # serialized ScoreRequest
     tokens: int          # prompt + response tokens of all items
     padded: int          # tokens of its items padded to the longest: one forward per request
+    path: str = "/score"  # where the JSON body goes
 
 
 def to_bodies(rows: Sequence[Row], per_request: int) -> list[Body]:
@@ -92,7 +93,7 @@ Call = Callable[[Body], Awaitable[bool]]  # send one request, wait for it: did i
 class _HttpClient:
     def __init__(self, target: Target, bodies: Sequence[Body]) -> None:
         self.conn = Connection.to(target.url)
-        self.requests = {id(b): self.conn.request("POST", "/score", b.json) for b in bodies}
+        self.requests = {id(b): self.conn.request("POST", b.path, b.json) for b in bodies}
 
     async def call(self, body: Body) -> bool:
         try:

@@ -2,8 +2,9 @@
 
 The OpenRLHF `serve_rm` pattern: the async handler pads all items of its request into one batch
 and runs the model right there, on the event loop; requests are never batched together. It takes
-the same token items as `POST /score`, so that one load generator measures both servers. Binds
-127.0.0.1 only.
+the same token items as `POST /score`, and OpenRLHF's `POST /get_reward` (its `serve_rm`: the
+queries tokenized and scored in the handler), so that one load generator measures both
+servers. Binds 127.0.0.1 only.
 
     python bench/naive_server.py --model DIR --port P
 """
@@ -20,6 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from tokenrm.core.encoding import encode
+from tokenrm.core.queries import split_query
 from tokenrm.core.scoring import row_rewards
 
 
@@ -44,6 +47,21 @@ def create_app(path: Path) -> FastAPI:
             values = rewards[i, len(row) - len(item["response_ids"]):len(row)].tolist()
             results.append({"rewards": values, "total": sum(values)})
         return JSONResponse({"results": results})
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request) -> JSONResponse:
+        """OpenRLHF's serve_rm: tokenize the queries and run the model in the handler."""
+        data: dict[str, Any] = await request.json()
+        encoded = []
+        for query, prompt in zip(data["query"], data["prompts"], strict=True):
+            split = split_query(query, prompt)
+            assert split is not None, "the bench sends queries that hold their prompts"
+            encoded.append(encode(tokenizer, split.prompt, split.response))
+        rows = [e.prompt_ids + e.response_ids for e in encoded]
+        rewards = row_rewards(model, rows, pad_id)  # on the event loop, one request's rows
+        totals = [float(rewards[i, len(e.prompt_ids):len(rows[i])].sum())
+                  for i, e in enumerate(encoded)]
+        return JSONResponse({"rewards": totals, "scores": totals, "extra_logs": {}})
 
     return app
 
