@@ -29,3 +29,12 @@ def reduce_rewards(rewards: Sequence[float] | np.ndarray, how: str = "total") ->
     if how == "min":
         return float(values.min())
     return float(values[-1])
+
+
+def token_summary(rewards: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Scalars worth logging beside a response's reward: its most negative token reward, how
+    many tokens are negative, how many tokens it has."""
+    values = np.asarray(rewards, dtype=np.float64)
+    return {"tokenrm_min_token_reward": float(values.min()) if values.size else 0.0,
+            "tokenrm_negative_tokens": float((values < 0).sum()),
+            "tokenrm_response_tokens": float(values.size)}

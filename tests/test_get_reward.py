@@ -79,6 +79,8 @@ def test_a_chat_query_is_scored_as_its_response_with_special_tokens_whole(
     assert logs["tokenrm_response_tokens"] == [len(direct["rewards"])]
     assert logs["tokenrm_min_token_reward"] == pytest.approx([min(direct["rewards"])], abs=1e-6)
     assert logs["tokenrm_negative_tokens"] == [sum(x < 0 for x in direct["rewards"])]
+    assert body["extra_logs"].keys() == {"tokenrm_min_token_reward", "tokenrm_negative_tokens",
+                                         "tokenrm_response_tokens"}
     assert body["model"] == "rm"
 
 
