@@ -13,7 +13,7 @@ the server's (same fingerprint), the completions' exact ids are scored; otherwis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenrm.client import AsyncRewardClient, Item
@@ -41,7 +41,7 @@ class TokenRMReward:
         texts = [_text(p, self.tokenizer, prompt=True) for p in prompts]
         client, o = self._connected(), self.options
         if self.tokenizer is not None and completion_ids is not None:
-            prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            prompt_ids = [_prompt_ids(p, self.tokenizer) for p in prompts]
             token_rewards = await aligned_rewards(client, self.tokenizer, texts, prompt_ids,
                                                   completion_ids, o.send, o.timeout_s)
         else:
@@ -76,3 +76,12 @@ def _text(value: Any, tokenizer: Any, *, prompt: bool) -> str:
                                                      add_generation_prompt=True))
         return "".join(str(m["content"]) for m in messages)
     return "\n".join(str(m["content"]) for m in messages)
+
+
+def _prompt_ids(prompt: Any, tokenizer: Any) -> list[int]:
+    """The prompt's ids as TRL makes them: a string as the tokenizer encodes it (BOS added),
+    chat messages through the chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    ids = tokenizer.apply_chat_template(list(prompt), tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)

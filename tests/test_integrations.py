@@ -21,7 +21,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tokenrm.core.spans import decoded_with_offsets
-from tokenrm.server.launcher import Running, serve
+from tokenrm.server.launcher import Running, free_port, serve
 from tokenrm.training import synth
 from tokenrm.training.tokenizer import train_tokenizer
 
@@ -39,10 +39,15 @@ def venv_python(trainer: str) -> Path:
     return python
 
 
-def run_in(trainer: str, script: str, *args: str, env: dict[str, str] | None = None) -> Any:
-    done = subprocess.run([str(venv_python(trainer)), str(SCRIPTS / script), *args],
+def launch_in(trainer: str, script: str, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(venv_python(trainer)), str(SCRIPTS / script), *args],
                           capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+def run_in(trainer: str, script: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    done = launch_in(trainer, script, *args, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -155,8 +160,8 @@ def test_trl_grpo_trains_on_tokenrm_rewards(server: Running, same_policy: Path,
         for prompt, ids, reward in zip(call["prompts"], call["completion_ids"], call["rewards"],
                                        strict=True):
             kept = ids[:-1] if ids and ids[-1] == tok.eos_token_id else ids
-            want = score(server, [{"prompt_ids": tok(prompt, add_special_tokens=False)[
-                "input_ids"], "response_ids": kept}])[0]["total"] if kept else 0.0
+            want = score(server, [{"prompt_ids": tok(prompt)["input_ids"],  # as TRL encodes
+                                   "response_ids": kept}])[0]["total"] if kept else 0.0
             assert reward == pytest.approx(want, abs=1e-4)
     means = [float(np.mean(c["rewards"])) for c in out["calls"]]
     assert out["logged_means"] == pytest.approx(means[:len(out["logged_means"])], abs=1e-4)
@@ -196,5 +201,33 @@ def test_openrlhf_own_client_gets_the_totals_of_score(server: Running, tmp_path:
         assert got["answer"]["scores"] == got["answer"]["rewards"]
         assert got["answer"]["extra_logs"]["tokenrm_response_tokens"] == \
             [len(expected["rewards"])]
-    assert ("error" in out[-1] and "does not hold" in out[-1]["error"]) or \
-        "422" in out[-1]["error"], out[-1]
+    # A query without its prompt: the reward function says why at once; OpenRLHF's HTTP client
+    # gives up after its 5 tries on the 422 (the answer's body is tested in test_get_reward.py).
+    assert "error" in out[-1], out[-1]
+    if remote == "reward_func":
+        assert "does not hold" in out[-1]["error"], out[-1]
+    else:
+        assert "Request error for 5 times" in out[-1]["error"], out[-1]
+
+
+# ---------------------------------------------------------------- no server there
+
+
+def test_every_trainer_gets_a_clear_error_from_a_stopped_server(same_policy: Path,
+                                                               tmp_path: Path) -> None:
+    """A port nothing listens on: each trainer's call fails within its retry budget (here a
+    3 s deadline for tokenrm's client; OpenRLHF's own client: 5 tries 1 s apart), naming it."""
+    dead = f"127.0.0.1:{free_port()}"
+    env = {"TOKENRM_URL": f"grpc://{dead}", "TOKENRM_TIMEOUT_S": "3"}
+    prompts = str(prompts_file(tmp_path, 2))
+    for trainer, script, args in (("verl", "run_verl.py", (str(same_policy), prompts)),
+                                  ("trl", "run_trl.py", (str(same_policy), prompts,
+                                                         str(tmp_path / "trl")))):
+        done = launch_in(trainer, script, *args, env=env)
+        assert done.returncode != 0, (trainer, done.stdout[-2000:])
+        assert dead in done.stderr, (trainer, done.stderr[-3000:])
+    (tmp_path / "cases.json").write_text(json.dumps(openrlhf_cases(1)))
+    for url in (f"http://{dead}/get_reward", str(ROOT / "integrations" / "openrlhf.py")):
+        [got] = run_in("openrlhf", "run_openrlhf.py", url, str(tmp_path / "cases.json"),
+                       env=env)
+        assert "error" in got and got["seconds"] < 30, got
