@@ -782,7 +782,8 @@ def test_grpc_stream_answers_hostile_requests_like_unary_calls(
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance, negative_data_rejection]
-SCHEMA_EXAMPLES = {"POST /score": 500}  # per generation mode; the GET routes take no input
+SCHEMA_EXAMPLES = {"POST /score": 500, "POST /get_reward": 200}  # per generation mode; the
+# GET routes take no input
 
 
 def test_openapi_generated_cases_get_no_server_error(server: Target) -> None:
@@ -794,7 +795,7 @@ def test_openapi_generated_cases_get_no_server_error(server: Target) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
     assert labels == {"GET /healthz", "GET /readyz", "GET /v1/model", "GET /metrics",
-                      "POST /score"}, labels
+                      "POST /score", "POST /get_reward"}, labels
     outcomes: Outcomes = collections.Counter()
 
     def run(op: Any, mode: schemathesis.GenerationMode, session: requests.Session) -> None:

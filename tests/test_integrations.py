@@ -141,6 +141,10 @@ def test_verl_reward_manager_gives_the_dense_rewards_of_score(
         for interface in ("legacy", "current"):
             np.testing.assert_allclose(out[interface][i], want, atol=1e-5, err_msg=interface)
         assert not np.any(np.array(out["legacy"][i])[~mask[i, width:]])  # padding stays 0
+        last = np.zeros_like(want)  # TOKENRM_DENSE=0: the total on the last response token
+        if mask[i, width:].any():
+            last[int(mask[i, width:].sum()) - 1] = want.sum()
+        np.testing.assert_allclose(out["totals_only"][i], last, atol=1e-4)
         assert out["current_extra"][i]["tokenrm_total"] == pytest.approx(float(want.sum()),
                                                                          abs=1e-4)
     assert out["legacy_extra"]["tokenrm_total"] == pytest.approx(

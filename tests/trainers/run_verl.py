@@ -66,6 +66,7 @@ def main() -> None:
     import asyncio
 
     singles = asyncio.run(current())
+    totals_only = type(manager)(config=config, tokenizer=tok, dense=False)(data)
     assembled = type(manager).assemble_rm_scores(data, [s["reward_score"] for s in singles])
     print(json.dumps({
         "manager": type(manager).__name__,
@@ -75,6 +76,7 @@ def main() -> None:
         "legacy": legacy["reward_tensor"].tolist(),
         "legacy_extra": legacy["reward_extra_info"],
         "current": assembled.tolist(),
+        "totals_only": totals_only.tolist(),
         "current_extra": [s["reward_extra_info"] for s in singles]}))
 
 
