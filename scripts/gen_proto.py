@@ -5,7 +5,8 @@
 
 grpcio-tools names its output after the .proto path (tokenrm/v1/reward_pb2.py) and the gRPC
 module imports `from tokenrm.v1 import reward_pb2`. The proto/ folder is installed as the package
-tokenrm.proto, so the modules go to the root of proto/ and that one import is rewritten.
+tokenrm.proto, so the modules go to the root of proto/, that one import is rewritten, and so is
+the module name the message classes carry (pickle imports it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def generate() -> dict[str, str]:
         texts = {name: (out / name).read_text() for name in MODULES}
     texts["reward_pb2_grpc.py"] = texts["reward_pb2_grpc.py"].replace(
         "from tokenrm.v1 import reward_pb2 as", "from tokenrm.proto import reward_pb2 as")
+    # The message classes' __module__: where pickle (e.g. Ray Serve's gRPC proxy) finds them.
+    texts["reward_pb2.py"] = texts["reward_pb2.py"].replace(
+        "'tokenrm.v1.reward_pb2'", "'tokenrm.proto.reward_pb2'")
     return {name: HEADER + text for name, text in texts.items()}
 
 
