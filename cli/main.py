@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tokenrm.cli.ppo import add_ppo_commands
 from tokenrm.cli.score import add_score_command
+from tokenrm.cli.serve import add_serve_command
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -48,33 +49,6 @@ def _eval_rm(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate(model.score_texts, pairs), indent=2))
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from pydantic import ValidationError
-
-    from tokenrm.server.model import ModelLoadError
-    from tokenrm.server.serve import run
-    from tokenrm.server.settings import Settings
-
-    given = {"model": args.model, "host": args.host, "http_port": args.port,
-             "grpc_port": args.grpc_port}
-    try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:  # one line per bad setting, named as the user sets it
-        problems = [(f"TOKENRM_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
-                    + e["msg"].removeprefix("Value error, ") for e in exc.errors()]
-        raise SystemExit("tokenrm serve: invalid settings: " + "; ".join(problems)) from None
-    if settings.model is None:  # the demo model, built and cached on first use
-        from tokenrm.training.demo import DEMO_NAME, demo_checkpoint
-
-        settings = settings.model_copy(update={
-            "model": demo_checkpoint(settings.cache_dir),
-            "model_name": settings.model_name or DEMO_NAME})
-    try:
-        run(settings)
-    except ModelLoadError as exc:
-        raise SystemExit(f"tokenrm serve: {exc}") from None
-
-
 def _demo(args: argparse.Namespace) -> None:
     from tokenrm.training.demo import demo_checkpoint
 
@@ -106,14 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="a JSONL file of pairs")
     p.set_defaults(run=_eval_rm)
 
-    p = sub.add_parser("serve", help="serve a reward model over HTTP and gRPC (the demo model "
-                                     "by default); other settings: TOKENRM_* variables")
-    p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1; TOKENRM_HOST)")
-    p.add_argument("--port", type=int, help="HTTP port (default 8000; TOKENRM_HTTP_PORT)")
-    p.add_argument("--grpc-port", type=int,
-                   help="gRPC port, 0 for none (default 50051; TOKENRM_GRPC_PORT)")
-    p.set_defaults(run=_serve)
+    add_serve_command(sub)
 
     p = sub.add_parser("demo", help="build (once) and print the path of the demo model")
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")

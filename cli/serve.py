@@ -1,0 +1,98 @@
+"""`tokenrm serve`: one process (HTTP and gRPC on one engine), or with --ray a Ray Serve
+application of replicas."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """Settings from the flags over TOKENRM_* variables; the demo model when none is given."""
+    from pydantic import ValidationError
+
+    from tokenrm.server.settings import Settings
+
+    given = {"model": args.model, "host": args.host, "http_port": args.port,
+             "grpc_port": args.grpc_port}
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:  # one line per bad setting, named as the user sets it
+        problems = [(f"TOKENRM_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
+                    + e["msg"].removeprefix("Value error, ") for e in exc.errors()]
+        raise SystemExit("tokenrm serve: invalid settings: " + "; ".join(problems)) from None
+    if settings.model is None:  # the demo model, built and cached on first use
+        from tokenrm.training.demo import DEMO_NAME, demo_checkpoint
+
+        settings = settings.model_copy(update={
+            "model": demo_checkpoint(settings.cache_dir),
+            "model_name": settings.model_name or DEMO_NAME})
+    return settings
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Ray Serve's deployment options from the flags. Each replica may hold up to
+    --max-ongoing requests (its own engine admits or refuses them, 429 with a hint); beyond,
+    the proxy queues up to --max-queued per proxy, then refuses with 429 itself."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
+        "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued,
+        "backpressure_config": {"status_code": 429, "retry_after_s": 1},
+        "health_check_period_s": 5}
+    if args.autoscale:
+        low, _, high = args.autoscale.partition(":")
+        if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+            raise SystemExit(f"tokenrm serve: --autoscale {args.autoscale!r}: give MIN:MAX, "
+                             "e.g. 1:4")
+        options["autoscaling_config"] = {"min_replicas": int(low), "max_replicas": int(high),
+                                         "target_ongoing_requests": args.target_ongoing}
+    else:
+        options["num_replicas"] = args.replicas
+    return options
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from tokenrm.server.model import ModelLoadError
+
+    settings = _settings(args)
+    try:
+        if args.ray:
+            from tokenrm.server.ray_app import run as run_ray
+
+            run_ray(settings, ray_options(args), args.ray_address, args.ray_metrics_port)
+        else:
+            from tokenrm.server.serve import run
+
+            run(settings)
+    except ModelLoadError as exc:
+        raise SystemExit(f"tokenrm serve: {exc}") from None
+
+
+def add_serve_command(sub: Any) -> None:
+    """The `serve` subcommand, onto the parser's subparsers."""
+    p = sub.add_parser("serve", help="serve a reward model over HTTP and gRPC (the demo model "
+                                     "by default); other settings: TOKENRM_* variables")
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; TOKENRM_HOST)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000; TOKENRM_HTTP_PORT)")
+    p.add_argument("--grpc-port", type=int,
+                   help="gRPC port, 0 for none (default 50051; TOKENRM_GRPC_PORT)")
+    ray = p.add_argument_group("Ray Serve (pip install 'tokenrm[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve application: replicas, each with the model")
+    ray.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+    ray.add_argument("--ray-metrics-port", type=int,
+                     help="a local Ray's metrics port: every replica's metrics, Prometheus text "
+                          "(GET /metrics of the app answers for the one replica it reaches)")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (fixed)")
+    ray.add_argument("--autoscale", metavar="MIN:MAX", help="replicas between MIN and MAX")
+    ray.add_argument("--target-ongoing", type=float, default=16,
+                     help="autoscaling target of requests in flight per replica")
+    ray.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica")
+    ray.add_argument("--replica-gpus", type=float, default=0, help="GPUs per replica")
+    ray.add_argument("--max-ongoing", type=int, default=64,
+                     help="requests in flight per replica (its engine batches them)")
+    ray.add_argument("--max-queued", type=int, default=256,
+                     help="requests a proxy queues when every replica is full; beyond: 429")
+    p.set_defaults(run=_serve)
