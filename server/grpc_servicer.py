@@ -37,7 +37,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     async def Score(self, request: pb.ScoreRequest | Undecodable,  # noqa: N802 (proto names)
                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         try:
-            return await self._score(request, context.time_remaining())
+            return await self.score(request, context.time_remaining())
         except ScoringError as exc:
             await abort(context, exc)
             raise  # not reached: abort raises
@@ -53,7 +53,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         async def read() -> None:
             try:
                 async for request in requests:
-                    await pending.put(asyncio.create_task(self._answer(request)))
+                    await pending.put(asyncio.create_task(self.answer(request)))
             finally:
                 await pending.put(None)
 
@@ -72,16 +72,17 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return info_to_proto(self.service.info())
 
-    async def _answer(self, request: pb.ScoreRequest | Undecodable) -> pb.ScoreResponse:
+    async def answer(self, request: pb.ScoreRequest | Undecodable) -> pb.ScoreResponse:
         """One request of a stream: a failure is answered in place, the stream goes on."""
         try:
-            return await self._score(request, None)
+            return await self.score(request, None)
         except ScoringError as exc:
             return pb.ScoreResponse(model=self.service.model.info.name,
                                     error=error_to_proto(exc))
 
-    async def _score(self, message: pb.ScoreRequest | Undecodable,
-                     remaining_s: float | None) -> pb.ScoreResponse:
+    async def score(self, message: pb.ScoreRequest | Undecodable,
+                    remaining_s: float | None) -> pb.ScoreResponse:
+        """One request; ScoringError for the caller to map to a status."""
         async def read() -> ScoreRequest:
             if isinstance(message, Undecodable):
                 raise BadRequest(message.reason)

@@ -1,0 +1,116 @@
+"""`tokenrm serve --ray`: two replicas of the tiny model on a local Ray (started and stopped by
+the test, 127.0.0.1 only), HTTP and gRPC through Ray Serve's proxies."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenrm.proto import reward_pb2 as pb
+from tokenrm.proto import reward_pb2_grpc as pb_grpc
+from tokenrm.server.launcher import Running, free_port, launch, serve, stop
+
+ITEMS = [{"prompt": "Facts: Ana lives in Lima. Question: Who is Ana?",
+          "response": "Ana lives in Oslo.", "spans": [[0, 3], [3, 9], [9, 18]]},
+         {"prompt_ids": [1, 57, 80], "response_ids": [311, 279, 12, 9]},
+         {"prompt": "Where?", "response": "Köln, not Łódź."}]
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_checkpoint: Path) -> Iterator[tuple[Running, int]]:
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    command = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--ray", "--replicas", "2",
+               "--replica-cpus", "0.5", "--model", str(tiny_checkpoint), "--port", str(port),
+               "--grpc-port", str(grpc_port), "--ray-metrics-port", str(metrics_port)]
+    proc = launch(command, f"http://127.0.0.1:{port}/readyz", name="tokenrm serve --ray",
+                  env={"RAY_AUTH_MODE": "disabled"}, timeout_s=180)
+    try:
+        yield Running(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", proc), metrics_port
+    finally:
+        stop(proc)
+        assert proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint: Path) -> Iterator[Running]:
+    with serve(tiny_checkpoint) as running:
+        yield running
+
+
+def scored(url: str) -> list[dict]:
+    r = httpx.post(f"{url}/score", json={"items": ITEMS, "return_tokens": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_answers_equal_the_single_process_server(ray_server: tuple[Running, int],
+                                                 single: Running) -> None:
+    server, _ = ray_server
+    want = scored(single.url)
+    for got in (scored(server.url) for _ in range(4)):  # whichever replica answers
+        for g, w in zip(got, want, strict=True):
+            assert (g["token_ids"], g["tokens"], g["offsets"]) == \
+                (w["token_ids"], w["tokens"], w["offsets"])
+            np.testing.assert_allclose(g["rewards"], w["rewards"], atol=1e-5)
+            np.testing.assert_allclose(g["span_rewards"] or [], w["span_rewards"] or [],
+                                       atol=1e-5)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.RewardServiceStub(channel)
+        answer = stub.Score(pb.ScoreRequest(items=[pb.Item(prompt_ids=ITEMS[1]["prompt_ids"],
+                                                           response_ids=ITEMS[1]["response_ids"])]),
+                            timeout=60)
+        np.testing.assert_allclose(answer.results[0].rewards, want[1]["rewards"], atol=1e-5)
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60).name == "rm"
+        assert health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=60).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Score(pb.ScoreRequest(items=[pb.Item(prompt="x", response="")]), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trailers = dict(refused.value.trailing_metadata() or ())
+        assert (trailers["tokenrm-item"], trailers["tokenrm-field"]) == ("0", "response")
+        stream = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[pb.Item(
+            prompt_ids=[1, 5], response_ids=[7, 8])])] * 3), timeout=60))
+        assert [len(a.results[0].rewards) for a in stream] == [2, 2, 2]
+
+
+def test_both_replicas_serve_requests(ray_server: tuple[Running, int]) -> None:
+    server, metrics_port = ray_server
+    with ThreadPoolExecutor(8) as pool:
+        assert all(len(r) == 3 for r in pool.map(lambda _: scored(server.url), range(48)))
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    served: dict[str, float] = {}
+    while time.monotonic() < deadline and len(served) < 2:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        served = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^ray_serve_deployment_request_counter_total\{[^}]*replica="([^"]+)"[^}]*\} (\S+)',
+            text, re.M) if float(m.group(2)) > 0}
+        time.sleep(2)
+    assert len(served) == 2, served
+
+
+def test_deployment_options_come_from_the_flags() -> None:
+    from tokenrm.cli.main import _parser
+    from tokenrm.cli.serve import ray_options
+
+    fixed = ray_options(_parser().parse_args(["serve", "--ray", "--replicas", "3",
+                                              "--replica-cpus", "2", "--replica-gpus", "1"]))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
+    auto = ray_options(_parser().parse_args(["serve", "--ray", "--autoscale", "1:4",
+                                             "--target-ongoing", "8"]))
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4,
+                                          "target_ongoing_requests": 8.0}
+    assert "num_replicas" not in auto
+    with pytest.raises(SystemExit, match="--autoscale '4:1': give MIN:MAX"):
+        ray_options(_parser().parse_args(["serve", "--ray", "--autoscale", "4:1"]))
