@@ -20,6 +20,8 @@ from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
 from tokenrm.server.launcher import Running, free_port, launch, serve, stop
 
+KEY = {"authorization": "Bearer k1"}        # the servers below take API keys
+GRPC_KEY = tuple(KEY.items())
 ITEMS = [{"prompt": "Facts: Ana lives in Lima. Question: Who is Ana?",
           "response": "Ana lives in Oslo.", "spans": [[0, 3], [3, 9], [9, 18]]},
          {"prompt_ids": [1, 57, 80], "response_ids": [311, 279, 12, 9]},
@@ -33,7 +35,8 @@ def ray_server(tiny_checkpoint: Path) -> Iterator[tuple[Running, int]]:
                "--replica-cpus", "0.5", "--model", str(tiny_checkpoint), "--port", str(port),
                "--grpc-port", str(grpc_port), "--ray-metrics-port", str(metrics_port)]
     proc = launch(command, f"http://127.0.0.1:{port}/readyz", name="tokenrm serve --ray",
-                  env={"RAY_AUTH_MODE": "disabled"}, timeout_s=180)
+                  env={"RAY_AUTH_MODE": "disabled", "TOKENRM_API_KEYS": "k1"}, headers=KEY,
+                  timeout_s=180)
     try:
         yield Running(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", proc), metrics_port
     finally:
@@ -47,8 +50,9 @@ def single(tiny_checkpoint: Path) -> Iterator[Running]:
         yield running
 
 
-def scored(url: str) -> list[dict]:
-    r = httpx.post(f"{url}/score", json={"items": ITEMS, "return_tokens": True}, timeout=60)
+def scored(url: str, headers: dict[str, str] | None = None) -> list[dict]:
+    r = httpx.post(f"{url}/score", json={"items": ITEMS, "return_tokens": True},
+                   headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["results"]
 
@@ -57,7 +61,7 @@ def test_answers_equal_the_single_process_server(ray_server: tuple[Running, int]
                                                  single: Running) -> None:
     server, _ = ray_server
     want = scored(single.url)
-    for got in (scored(server.url) for _ in range(4)):  # whichever replica answers
+    for got in (scored(server.url, KEY) for _ in range(4)):  # whichever replica answers
         for g, w in zip(got, want, strict=True):
             assert (g["token_ids"], g["tokens"], g["offsets"]) == \
                 (w["token_ids"], w["tokens"], w["offsets"])
@@ -68,26 +72,28 @@ def test_answers_equal_the_single_process_server(ray_server: tuple[Running, int]
         stub = pb_grpc.RewardServiceStub(channel)
         answer = stub.Score(pb.ScoreRequest(items=[pb.Item(prompt_ids=ITEMS[1]["prompt_ids"],
                                                            response_ids=ITEMS[1]["response_ids"])]),
-                            timeout=60)
+                            timeout=60, metadata=GRPC_KEY)
         np.testing.assert_allclose(answer.results[0].rewards, want[1]["rewards"], atol=1e-5)
-        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60).name == "rm"
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60,
+                                 metadata=GRPC_KEY).name == "rm"
         assert health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=60).status == \
             health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Score(pb.ScoreRequest(items=[pb.Item(prompt="x", response="")]), timeout=60)
+            stub.Score(pb.ScoreRequest(items=[pb.Item(prompt="x", response="")]), timeout=60,
+                       metadata=GRPC_KEY)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         trailers = dict(refused.value.trailing_metadata() or ())
         assert (trailers["tokenrm-item"], trailers["tokenrm-field"]) == ("0", "response")
         stream = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[pb.Item(
-            prompt_ids=[1, 5], response_ids=[7, 8])])] * 3), timeout=60))
+            prompt_ids=[1, 5], response_ids=[7, 8])])] * 3), timeout=60, metadata=GRPC_KEY))
         assert [len(a.results[0].rewards) for a in stream] == [2, 2, 2]
 
 
 def test_both_replicas_serve_requests(ray_server: tuple[Running, int]) -> None:
     server, metrics_port = ray_server
     with ThreadPoolExecutor(8) as pool:
-        assert all(len(r) == 3 for r in pool.map(lambda _: scored(server.url), range(48)))
+        assert all(len(r) == 3 for r in pool.map(lambda _: scored(server.url, KEY), range(48)))
     deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
     served: dict[str, float] = {}
     while time.monotonic() < deadline and len(served) < 2:
@@ -114,3 +120,23 @@ def test_deployment_options_come_from_the_flags() -> None:
     assert "num_replicas" not in auto
     with pytest.raises(SystemExit, match="--autoscale '4:1': give MIN:MAX"):
         ray_options(_parser().parse_args(["serve", "--ray", "--autoscale", "4:1"]))
+
+
+def test_api_keys_are_enforced_through_the_proxies(ray_server: tuple[Running, int]) -> None:
+    server, _ = ray_server
+    assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    for method, path in (("GET", "/readyz"), ("GET", "/v1/model"), ("GET", "/metrics"),
+                         ("POST", "/score"), ("POST", "/get_reward")):
+        for headers in ({}, {"authorization": "Bearer wrong"}):
+            r = httpx.request(method, f"{server.url}{path}", headers=headers, json={},
+                              timeout=30)
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.json()["error"]["code"] == "unauthenticated"
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.RewardServiceStub(channel)
+        for call, request in ((stub.Score, pb.ScoreRequest(items=[pb.Item(
+                prompt_ids=[1], response_ids=[2])])), (stub.GetModelInfo,
+                                                       pb.GetModelInfoRequest())):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, timeout=30, metadata=(("authorization", "Bearer wrong"),))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
