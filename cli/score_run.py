@@ -20,6 +20,7 @@ from tokenrm.client import (
     InputError,
     Item,
     ItemScore,
+    ModelInfo,
     ResultError,
     RewardClient,
     RewardClientError,
@@ -36,8 +37,8 @@ def client_url(url: str) -> str:
 
 
 def score_one(url: str, prompt: str, response: str, *, api_key: str | None = None,
-              timeout: float = 60.0) -> tuple[str, ItemScore]:
-    """The model's name and the item's score with its tokens and offsets, within `timeout`
+              timeout: float = 60.0) -> tuple[ModelInfo, ItemScore]:
+    """The served model and the item's score with its tokens and offsets, within `timeout`
     seconds in all (retries included); ScoreCliError saying why not."""
     try:
         client = RewardClient(client_url(url), api_key=api_key, timeout_s=timeout)
@@ -46,7 +47,7 @@ def score_one(url: str, prompt: str, response: str, *, api_key: str | None = Non
     try:
         with client:
             [score] = client.score([Item.text(prompt, response)], return_tokens=True)
-            return client.model_info().name, score  # read by score() already: no request
+            return client.model_info(), score  # read by score() already: no request
     except (RewardClientError, ValueError) as exc:
         raise _failure(url, timeout, exc) from None
 
@@ -72,10 +73,10 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def score_json(model: str, score: ItemScore) -> dict[str, Any]:
+def score_json(model: ModelInfo, score: ItemScore) -> dict[str, Any]:
     """The score of one item in POST /score's JSON shape (without `usage`, which the client
     does not report): what the server answers, whichever transport brought it."""
-    return {"model": model, "results": [{
+    return {"model": model.name, "model_version": model.version, "results": [{
         "rewards": _float32s(score.rewards), "total": score.total,
         "token_ids": score.token_ids.tolist(), "tokens": score.tokens,
         "offsets": None if score.offsets is None else score.offsets.tolist(),
@@ -100,7 +101,7 @@ def run(url: str, prompt: str, response: str, *, top: int = 5, api_key: str | No
     if raw_json:
         print(json.dumps(score_json(model, score), ensure_ascii=False))
         return
-    show(console or Console(highlight=False), response, score, model, top)
+    show(console or Console(highlight=False), response, score, model.name, top)
 
 
 def read_response(path: str) -> str:

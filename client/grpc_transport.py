@@ -53,7 +53,7 @@ class GrpcTransport:
             limits=Limits(max_items_per_request=m.limits.max_items_per_request,
                           max_tokens_per_item=m.limits.max_tokens_per_item,
                           max_request_bytes=m.limits.max_message_bytes),
-            tokenizer_sha256=m.tokenizer_sha256)
+            tokenizer_sha256=m.tokenizer_sha256, version=m.version)
 
     async def score(self, items: Sequence[Item], return_tokens: bool,
                     timeout_s: float) -> list[ItemScore]:

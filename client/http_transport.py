@@ -35,7 +35,8 @@ class HttpTransport:
                 limits=Limits(max_items_per_request=limits["max_items_per_request"],
                               max_tokens_per_item=limits["max_tokens_per_item"],
                               max_request_bytes=limits["max_body_bytes"]),
-                tokenizer_sha256=body.get("tokenizer_sha256", ""))
+                tokenizer_sha256=body.get("tokenizer_sha256", ""),
+                version=body.get("version", ""))
 
     async def score(self, items: Sequence[Item], return_tokens: bool,
                     timeout_s: float) -> list[ItemScore]:

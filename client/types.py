@@ -67,3 +67,4 @@ class ModelInfo:
     max_len: int
     limits: Limits
     tokenizer_sha256: str = ""       # equal to your tokenizer's: you may send token ids
+    version: str = ""                # the model's version (every answer names it)

@@ -40,7 +40,8 @@ def load_model(settings: Settings) -> RewardModel:
     _workers, threads = settings.parallelism(available_cores())
     torch.set_num_threads(threads)
     return RewardModel.load(settings.model, name=settings.model_name, device=settings.device,
-                            dtype=settings.dtype, trace=settings.trace)
+                            dtype=settings.dtype, trace=settings.trace,
+                            version=settings.model_version)
 
 
 @asynccontextmanager

@@ -37,7 +37,7 @@ def item_from_proto(m: pb.Item) -> ScoreItem:
 
 def answer_to_proto(request: ScoreRequest, answer: ScoreAnswer) -> pb.ScoreResponse:
     return pb.ScoreResponse(
-        model=answer.model,
+        model=answer.model, model_version=answer.model_version,
         results=[result_to_proto(r, request.return_tokens) for r in answer.results],
         usage=pb.Usage(items=len(answer.results), tokens=answer.tokens))
 
@@ -58,7 +58,7 @@ def info_to_proto(info: ServiceInfo) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=m.name, kind=m.kind, labels=m.labels, reward_rule=m.reward_rule,
         tokenizer=m.tokenizer, tokenizer_sha256=m.tokenizer_sha256, vocab_size=m.vocab_size,
-        max_len=m.max_len, dtype=m.dtype, device=m.device,
+        max_len=m.max_len, dtype=m.dtype, device=m.device, version=m.version,
         limits=pb.Limits(max_items_per_request=limits.max_items_per_request,
                          max_tokens_per_item=limits.max_tokens_per_item,
                          max_message_bytes=limits.max_message_bytes,

@@ -77,7 +77,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         try:
             return await self.score(request, None)
         except ScoringError as exc:
-            return pb.ScoreResponse(model=self.service.model.info.name,
+            info = self.service.model.info
+            return pb.ScoreResponse(model=info.name, model_version=info.version,
                                     error=error_to_proto(exc))
 
     async def score(self, message: pb.ScoreRequest | Undecodable,

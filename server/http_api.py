@@ -49,7 +49,7 @@ def _result_json(r: ItemScore, return_tokens: bool) -> dict[str, Any]:
 
 def answer_json(request: ScoreRequest, answer: ScoreAnswer) -> Response:
     return json_response({
-        "model": answer.model,
+        "model": answer.model, "model_version": answer.model_version,
         "results": [_result_json(r, request.return_tokens) for r in answer.results],
         "usage": {"items": len(answer.results), "tokens": answer.tokens}})
 

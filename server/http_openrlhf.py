@@ -49,7 +49,8 @@ def answer_json(answer: ScoreAnswer, reduction: str) -> Response:
     summaries = [token_summary(r) for r in token_rewards]
     logs = {k: [s[k] for s in summaries] for k in summaries[0]} if summaries else {}
     return web.json_response({"rewards": rewards, "scores": rewards, "extra_logs": logs,
-                          "token_rewards": token_rewards, "model": answer.model})
+                          "token_rewards": token_rewards, "model": answer.model,
+                          "model_version": answer.model_version})
 
 
 @router.post("/get_reward", response_model=schema.GetRewardResponse, responses=web.ERRORS,

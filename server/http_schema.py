@@ -54,6 +54,7 @@ class Usage(BaseModel):
 
 class ScoreResponse(BaseModel):
     model: str
+    model_version: str = Field(description="the version of the model that scored it")
     results: list[ItemResult]
     usage: Usage
 
@@ -78,6 +79,8 @@ class Limits(BaseModel):
 
 class ModelInfoResponse(BaseModel):
     name: str
+    version: str = Field(description="given (TOKENRM_MODEL_VERSION), or a hash of the "
+                         "checkpoint's config and weights; every answer names it")
     kind: str = Field(description="token: a reward per token; sequence: one, on the last token")
     labels: list[str]
     reward_rule: str
@@ -114,3 +117,4 @@ class GetRewardResponse(BaseModel):
     token_rewards: list[list[float]] = Field(description="the per-token rewards of each "
                                                          "response (OpenRLHF ignores them)")
     model: str
+    model_version: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,21 @@ class ModelInfo:
     dtype: str
     device: str
     traced: bool              # the forward runs as a verified TorchScript trace
+    version: str              # given, or checkpoint_version(path)
+
+
+def checkpoint_version(path: Path) -> str:
+    """The first 12 hex digits of the sha256 of the checkpoint's config.json and weight files
+    (*.safetensors, *.bin), in name order: another training run or edit, another version."""
+    digest = hashlib.sha256()
+    files = [path / "config.json", *sorted(p for pattern in ("*.safetensors", "*.bin")
+                                           for p in path.glob(pattern))]
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -72,7 +88,8 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: Path, name: str | None = None, device: str = "cpu",
-             dtype: str = "float32", trace: bool = True) -> RewardModel:
+             dtype: str = "float32", trace: bool = True, version: str | None = None
+             ) -> RewardModel:
         """Load a token- or sequence-classification checkpoint directory; fail loudly. With
         `trace`, the forward runs as a TorchScript trace if it reproduces the eager model."""
         if not (path / "config.json").is_file():
@@ -111,7 +128,8 @@ class RewardModel:
             reward_rule=RULES[num_labels], max_len=_max_len(model.config, tokenizer),
             vocab_size=vocab_size, tokenizer=type(tokenizer).__name__,
             tokenizer_sha256=fingerprint(tokenizer), dtype=dtype,
-            device=device, traced=logits is not None)
+            device=device, traced=logits is not None,
+            version=version or checkpoint_version(path))
         return cls(model, tokenizer, info, logits)
 
     def encode(self, prompt: str, response: str) -> Encoded:

@@ -50,6 +50,7 @@ class ScoreRequest:
 @dataclass(frozen=True)
 class ScoreAnswer:
     model: str                    # the name of the model that scored it
+    model_version: str            # and its version
     results: list[ItemScore]      # one per item, in order
     tokens: int                   # model input tokens, prompts included
 
@@ -88,7 +89,7 @@ class RewardService:
         """Score the items in order (no admission, no metrics: see `handle`)."""
         items = request.items
         if not items and request.allow_empty:
-            return ScoreAnswer(self.model.info.name, [], 0)
+            return ScoreAnswer(self.model.info.name, self.model.info.version, [], 0)
         if not items:
             raise InvalidInput("items: at least one item is required", field="items")
         if len(items) > self.limits.max_items_per_request:
@@ -102,7 +103,8 @@ class RewardService:
         rewards = await self.engine.score(rows, timeout_s)
         results = [self._result(it, p, r, request.return_tokens)
                    for it, p, r in zip(items, prepared, rewards, strict=True)]
-        return ScoreAnswer(self.model.info.name, results, sum(len(r.input_ids) for r in rows))
+        return ScoreAnswer(self.model.info.name, self.model.info.version, results,
+                           sum(len(r.input_ids) for r in rows))
 
     def _timeout_s(self, remaining_s: float | None) -> float:
         if remaining_s is None:

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     model: Path | None = Field(None, description="checkpoint directory; unset: the demo model")
     model_name: str | None = Field(None, description="name reported to clients; default: dir name")
+    model_version: str | None = Field(
+        None, description="version reported with every answer; default: a hash of the "
+        "checkpoint's config and weight files")
     cache_dir: Path | None = Field(None, description="where the demo model is cached")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container)")
     http_port: int = Field(8000, ge=0, le=65535)
