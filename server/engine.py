@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tokenrm.server.batching import padded_tokens, pick_batch
-from tokenrm.server.errors import DeadlineExceeded, Overloaded, Unavailable, retry_hint_s
+from tokenrm.server.errors import DeadlineExceeded, Overloaded, Unavailable
 from tokenrm.server.metrics import EngineMetrics
 from tokenrm.server.model import RewardModel
 from tokenrm.server.speed import Speed
@@ -139,10 +139,6 @@ class ScoringEngine:
         """Rows waiting whose caller still waits for them."""
         return sum(not w.gone for w in self._waiting)
 
-    def retry_after_s(self) -> float:
-        """A hint for refused callers: about how long the work queued now takes."""
-        return retry_hint_s(self.expected_wait_s())
-
     def expected_wait_s(self) -> float:
         """About how long until the work queued and running now is scored: its tokens plus
         each batch's fixed cost, at the measured speed of the forward threads. 0 until
@@ -176,7 +172,8 @@ class ScoringEngine:
         if queued + len(rows) > self.limits.max_queue_items:
             self.metrics.refused.inc()
             raise Overloaded(f"queue full ({queued} items waiting, limit "
-                             f"{self.limits.max_queue_items})", retry_after_s=self.retry_after_s())
+                             f"{self.limits.max_queue_items})",
+                             retry_after_s=self.expected_wait_s())
         request = _Request(asyncio.get_running_loop().create_future(), len(rows))
         deadline = time.monotonic() + timeout_s
         self._waiting.extend(_Waiting(r, request, i, deadline) for i, r in enumerate(rows))
