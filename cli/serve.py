@@ -31,6 +31,20 @@ def _settings(args: argparse.Namespace) -> Any:
     return settings
 
 
+def _at_least(low: float, kind: type = int) -> Any:
+    """An argparse type: a number of `kind` no smaller than `low`, else a one-line error."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low:g}")
+        return value
+
+    return parse
+
+
 def ray_options(args: argparse.Namespace) -> dict[str, Any]:
     """Ray Serve's deployment options from the flags. Each replica may hold up to
     --max-ongoing requests (its own engine admits or refuses them, 429 with a hint); beyond,
@@ -85,14 +99,14 @@ def add_serve_command(sub: Any) -> None:
     ray.add_argument("--ray-metrics-port", type=int,
                      help="a local Ray's metrics port: every replica's metrics, Prometheus text "
                           "(GET /metrics of the app answers for the one replica it reaches)")
-    ray.add_argument("--replicas", type=int, default=1, help="replicas (fixed)")
+    ray.add_argument("--replicas", type=_at_least(1), default=1, help="replicas (fixed)")
     ray.add_argument("--autoscale", metavar="MIN:MAX", help="replicas between MIN and MAX")
-    ray.add_argument("--target-ongoing", type=float, default=16,
+    ray.add_argument("--target-ongoing", type=_at_least(0.1, float), default=16,
                      help="autoscaling target of requests in flight per replica")
-    ray.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica")
-    ray.add_argument("--replica-gpus", type=float, default=0, help="GPUs per replica")
-    ray.add_argument("--max-ongoing", type=int, default=64,
+    ray.add_argument("--replica-cpus", type=_at_least(0, float), default=1, help="CPUs per replica")
+    ray.add_argument("--replica-gpus", type=_at_least(0, float), default=0, help="GPUs per replica")
+    ray.add_argument("--max-ongoing", type=_at_least(1), default=64,
                      help="requests in flight per replica (its engine batches them)")
-    ray.add_argument("--max-queued", type=int, default=256,
+    ray.add_argument("--max-queued", type=_at_least(1), default=256,
                      help="requests a proxy queues when every replica is full; beyond: 429")
     p.set_defaults(run=_serve)

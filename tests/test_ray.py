@@ -140,3 +140,15 @@ def test_api_keys_are_enforced_through_the_proxies(ray_server: tuple[Running, in
             with pytest.raises(grpc.RpcError) as refused:
                 call(request, timeout=30, metadata=(("authorization", "Bearer wrong"),))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("flag, value", [("--replicas", "0"), ("--replica-cpus", "-1"),
+                                         ("--max-ongoing", "x"), ("--target-ongoing", "0")])
+def test_a_wrong_ray_flag_is_one_line_before_ray_starts(flag: str, value: str,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    from tokenrm.cli.main import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--ray", flag, value])
+    assert f"argument {flag}: " in capsys.readouterr().err
