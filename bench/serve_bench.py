@@ -32,10 +32,10 @@ import torch
 import uvloop
 from load import TRANSPORTS, Body, Row, Target, run_load, sequential_latency, to_bodies
 
-from tokenrm.server.app import available_cores, load_model
 from tokenrm.server.batching import padded_tokens, pick_batch
 from tokenrm.server.calibration import overhead_tokens
 from tokenrm.server.launcher import free_port, launch, stop
+from tokenrm.server.live import available_cores, load_model
 from tokenrm.server.model import RewardModel
 from tokenrm.server.settings import Settings
 
@@ -105,11 +105,12 @@ def make_rows(mix: Mix, vocab_size: int, n: int, seed: int) -> list[Row]:
 
 @contextmanager
 def running(name: str, command: list[str], port: int, ready_path: str,
-            grpc_port: int | None = None) -> Iterator[Target]:
+            grpc_port: int | None = None, env: dict[str, str] | None = None
+            ) -> Iterator[Target]:
     """Start a server listening on 127.0.0.1:`port`, wait until `ready_path` answers 200,
     yield where it listens, stop it."""
     url = f"http://127.0.0.1:{port}"
-    proc = launch(command, url + ready_path, name=name, timeout_s=READY_TIMEOUT_S)
+    proc = launch(command, url + ready_path, name=name, timeout_s=READY_TIMEOUT_S, env=env)
     try:
         yield Target(url, None if grpc_port is None else f"127.0.0.1:{grpc_port}", proc.pid)
     finally:
@@ -201,6 +202,17 @@ def matmul_gflops(seconds: float, size: int = 2048) -> float:
 
 
 # ---------------------------------------------------------------- one run
+
+
+def load_arguments(doc: str, warmup: float) -> argparse.Namespace:
+    """The flags of a benchmark that loads servers with concurrent clients."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=warmup)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args()
 
 
 def resolve_model(path: Path | None) -> Path:

@@ -19,8 +19,9 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from tokenrm.server.app import create_app, load_model
+from tokenrm.server.app import create_app
 from tokenrm.server.http_headers import BoundedHeadersProtocol
+from tokenrm.server.live import load_model
 from tokenrm.server.settings import Settings
 
 log = logging.getLogger(__name__)

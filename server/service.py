@@ -59,6 +59,7 @@ class RewardService:
     def __init__(self, engine: ScoringEngine, limits: Limits, metrics: RequestMetrics) -> None:
         self.engine, self.limits, self.metrics = engine, limits, metrics
         self.model = engine.model
+        self.in_flight = 0  # requests inside `handle`
 
     @property
     def ready(self) -> bool:
@@ -74,6 +75,7 @@ class RewardService:
         finish in time (before `read` parses anything), then read, scored and answered.
         `remaining_s`: the caller's own deadline, if it set one. Raises ScoringError."""
         started = time.perf_counter()
+        self.in_flight += 1
         try:
             timeout_s = self._timeout_s(remaining_s)
             self.engine.admit(timeout_s)
@@ -82,6 +84,8 @@ class RewardService:
         except ScoringError as exc:
             self.metrics.observe(transport, exc.code)
             raise
+        finally:
+            self.in_flight -= 1
         self.metrics.observe(transport, "ok", time.perf_counter() - started)
         return out
 
