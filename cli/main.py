@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenrm.cli.ppo import add_ppo_commands
 from tokenrm.cli.score import add_score_command
-from tokenrm.cli.serve import add_serve_command
+from tokenrm.cli.serve import add_ray_update_command, add_serve_command
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval_rm)
 
     add_serve_command(sub)
+    add_ray_update_command(sub)
 
     p = sub.add_parser("demo", help="build (once) and print the path of the demo model")
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")

@@ -71,8 +71,12 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     try:
-        if args.ray:
-            from tokenrm.server.ray_app import run as run_ray
+        if args.ray and args.print_config:
+            from tokenrm.server.ray_deploy import config_file
+
+            print(config_file(settings, ray_options(args)), end="")
+        elif args.ray:
+            from tokenrm.server.ray_deploy import run as run_ray
 
             run_ray(settings, ray_options(args), args.ray_address, args.ray_metrics_port)
         else:
@@ -109,4 +113,27 @@ def add_serve_command(sub: Any) -> None:
                      help="requests in flight per replica (its engine batches them)")
     ray.add_argument("--max-queued", type=_at_least(1), default=256,
                      help="requests a proxy queues when every replica is full; beyond: 429")
+    ray.add_argument("--print-config", action="store_true",
+                     help="print the Serve config file of these flags (for serve deploy, "
+                          "KubeRay) and exit")
     p.set_defaults(run=_serve)
+
+
+def _ray_update(args: argparse.Namespace) -> None:
+    from tokenrm.server.ray_deploy import update
+
+    update(args.ray_address, args.model.absolute(), args.model_version)
+    print(f"every replica serves {args.model}")
+
+
+def add_ray_update_command(sub: Any) -> None:
+    """The `ray-update` subcommand: a running `tokenrm serve --ray` onto another checkpoint."""
+    p = sub.add_parser("ray-update", help="switch a running Ray deployment to another "
+                                          "checkpoint, one replica at a time, no failed request")
+    p.add_argument("--model", type=Path, required=True,
+                   help="checkpoint directory, as the replicas' machines see it")
+    p.add_argument("--model-version", help="the version answers report (default: a hash of "
+                                           "the checkpoint's config and weight files)")
+    p.add_argument("--ray-address", default="auto",
+                   help="the Ray cluster (default: the one running on this machine)")
+    p.set_defaults(run=_ray_update)

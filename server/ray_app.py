@@ -4,19 +4,16 @@ running its own ScoringEngine (batching stays inside a replica), behind Ray Serv
 ScoreStream and GetModelInfo, and grpc.health.v1 Check answered by a replica).
 
     serve run tokenrm.server.ray_app:app model=/path/to/checkpoint   # Ray's own tools
-    tokenrm serve --ray --replicas 2                                 # or this
+    tokenrm serve --ray --replicas 2                                 # or this (ray_deploy)
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
-import ray
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
@@ -26,11 +23,11 @@ from tokenrm.server.app import create_app
 from tokenrm.server.errors import ScoringError, Unauthenticated
 from tokenrm.server.grpc_messages import STATUS, info_to_proto, trailing_metadata
 from tokenrm.server.grpc_servicer import RewardServicer
+from tokenrm.server.live import LiveState
 from tokenrm.server.settings import Settings
 from tokenrm.server.state import ServerState
 
-SERVICER_FUNCTIONS = ["tokenrm.proto.reward_pb2_grpc.add_RewardServiceServicer_to_server",
-                      "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+DEPLOYMENT = "tokenrm"
 
 
 class TokenRM:
@@ -49,9 +46,24 @@ class TokenRM:
     def _checked(self, context: RayServegRPCContext) -> RewardServicer:
         state = self._state()
         state.keys.check(dict(context.invocation_metadata()).get("authorization"))
-        if self._servicer is None:
+        if self._servicer is None or self._servicer.service is not state.service:
             self._servicer = RewardServicer(state.service)
         return self._servicer
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Ray Serve's user_config, {"model": DIR, "model_version": V or null}: a checkpoint
+        other than the one serving loads beside it, then takes the requests (LiveState).
+        Called again with the same config (Ray may), it does nothing."""
+        unknown = set(config) - {"model", "model_version"}
+        if unknown or not config.get("model"):
+            raise ValueError(f"user_config: {sorted(unknown) or 'model'}: give "
+                             "{model: DIR, model_version: V (optional)} and nothing else")
+        live: LiveState = self.app.state.live  # type: ignore[attr-defined]
+        current = live.state.settings
+        model, version = Path(config["model"]), config.get("model_version")
+        if (model, version) != (current.model, current.model_version):
+            await live.replace(current.model_copy(update={"model": model,
+                                                          "model_version": version}))
 
     async def Score(self, request: pb.ScoreRequest,  # noqa: N802 (proto names)
                     grpc_context: RayServegRPCContext) -> pb.ScoreResponse:
@@ -93,14 +105,6 @@ class TokenRM:
             raise RuntimeError("the scoring engine is not accepting work")
 
 
-def deployment(settings: Settings, options: dict[str, Any]) -> serve.Application:
-    """The application: `options` are Ray Serve's deployment options (num_replicas or
-    autoscaling_config, ray_actor_options, max_ongoing_requests, ...)."""
-    app = create_app(settings)  # its lifespan runs in every replica: model, engine, service
-    ingress = serve.deployment(name="tokenrm", **options)(serve.ingress(app)(TokenRM))
-    return ingress.bind()
-
-
 def _refused(context: RayServegRPCContext, exc: ScoringError, empty: Any) -> Any:
     context.set_code(STATUS.get(exc.code, grpc.StatusCode.INTERNAL))
     context.set_details(exc.message)
@@ -109,30 +113,17 @@ def _refused(context: RayServegRPCContext, exc: ScoringError, empty: Any) -> Any
 
 
 def app(args: dict[str, Any]) -> serve.Application:
-    """For Ray's own tools: `serve run tokenrm.server.ray_app:app model=DIR [name=value ...]`
-    (any Settings field), one replica per `serve run`; more with a Serve config file."""
-    return deployment(Settings(**args), {})
+    """The application, for Ray's own tools: `serve run tokenrm.server.ray_app:app model=DIR
+    [name=value ...]` (any Settings field), or `import_path` of a Serve config file (where
+    num_replicas, autoscaling_config, ... and the checkpoint, as `user_config`, are set per
+    deployment: see ray_deploy). A replica loads args' model, then the user_config's."""
+    settings = Settings(**args)
+    ingress = serve.deployment(name=DEPLOYMENT, user_config=checkpoint(settings))(
+        serve.ingress(create_app(settings))(TokenRM))  # the app's lifespan runs per replica
+    return ingress.bind()
 
 
-def run(settings: Settings, options: dict[str, Any], address: str | None = None,
-        metrics_port: int | None = None) -> None:
-    """Start (or join, with `address`) Ray, serve the application on settings.host:http_port
-    and gRPC on grpc_port (0: none) through Ray Serve's proxies, until SIGTERM or SIGINT.
-    `metrics_port`: where a local Ray exports every replica's metrics (Prometheus text)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    extra: dict[str, Any] = {} if address or metrics_port is None else {
-        "_metrics_export_port": metrics_port}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **extra)
-    grpc_options = None if settings.grpc_port == 0 else {
-        "port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS}
-    serve.start(http_options={"host": settings.host, "port": settings.http_port},
-                grpc_options=grpc_options)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.run(deployment(settings, options), name="tokenrm", route_prefix="/")
-        stop.wait()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def checkpoint(settings: Settings) -> dict[str, str | None]:
+    """The user_config naming a checkpoint: changing it updates replicas in place."""
+    return {"model": None if settings.model is None else str(settings.model),
+            "model_version": settings.model_version}
