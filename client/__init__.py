@@ -14,7 +14,8 @@ tokens) give `span_rewards`, one per span.
 
 `score` takes any number of items: it splits them into requests under the server's limits, keeps
 a bounded number in flight, retries what is worth retrying (429, 503, UNAVAILABLE,
-RESOURCE_EXHAUSTED, lost connections) with backoff and jitter within one deadline, spreads
+RESOURCE_EXHAUSTED, lost connections, and a 500 / INTERNAL that is not tokenrm's own answer,
+such as Ray Serve's when a replica dies) with backoff and jitter within one deadline, spreads
 requests over several endpoints (a list of URLs) and checks every answer before returning it, in
 input order. Installing it needs no torch: `pip install "tokenrm[client]"`.
 """

@@ -91,6 +91,8 @@ def _error(target: str, exc: grpc.aio.AioRpcError) -> Exception:
                          endpoint_down=code in DOWN_CODES)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthenticationError(message)
+    if code == grpc.StatusCode.INTERNAL and "tokenrm-error-code" not in trailing:
+        return Retryable(message)  # not tokenrm's answer: e.g. Ray Serve's replica died
     if code not in INPUT_CODES and trailing.get("tokenrm-error-code") not in NOT_RETRIED_CODES:
         return ServerError(message)  # INTERNAL, UNKNOWN, UNIMPLEMENTED, ...: not the input
     item = trailing.get("tokenrm-item")

@@ -74,6 +74,10 @@ class HttpTransport:
                             endpoint_down=response.status_code not in BUSY_STATUSES)
         if response.status_code == 401:
             raise AuthenticationError(message)
+        if response.status_code == 500 and not error.get("code"):
+            # Not tokenrm's answer: something in front of the model failed (Ray Serve's
+            # proxy when the replica it chose dies). Scoring is idempotent: another try.
+            raise Retryable(message)
         if response.status_code >= 500:  # a failure of the server, not of the input
             raise ServerError(message)
         raise InputError(message, error.get("item"), error.get("field"))

@@ -93,9 +93,13 @@ def test_grpc_statuses_map_to_retries_server_errors_and_input_errors() -> None:
     busy = grpc_error("t", _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                       **{"retry-after-ms": "250"}))
     assert isinstance(busy, Retryable) and not busy.endpoint_down and busy.retry_after_s == 0.25
-    for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                 grpc.StatusCode.UNIMPLEMENTED):
+    for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED):
         assert isinstance(grpc_error("t", _rpc_error(code)), ServerError), code
+    ours = grpc_error("t", _rpc_error(grpc.StatusCode.INTERNAL, **{
+        "tokenrm-error-code": "internal"}))
+    assert isinstance(ours, ServerError)  # tokenrm's own failure: another try would fail too
+    proxy = grpc_error("t", _rpc_error(grpc.StatusCode.INTERNAL))  # a Ray replica that died
+    assert isinstance(proxy, Retryable) and not proxy.endpoint_down
     bad = grpc_error("t", _rpc_error(grpc.StatusCode.INVALID_ARGUMENT, **{
         "tokenrm-item": "3", "tokenrm-field": "response_ids"}))
     assert isinstance(bad, InputError) and (bad.item, bad.field) == (3, "response_ids")
@@ -104,13 +108,19 @@ def test_grpc_statuses_map_to_retries_server_errors_and_input_errors() -> None:
     assert isinstance(too_big, InputError)  # another try cannot fix it
 
 
+async def _answering(response: httpx.Response) -> HttpTransport:
+    """An HttpTransport to http://h:1 whose every request gets `response`."""
+    transport = HttpTransport("http://h:1", None)
+    await transport._http.aclose()
+    transport._http = httpx.AsyncClient(base_url="http://h:1", transport=httpx.MockTransport(
+        lambda request: response))
+    return transport
+
+
 @pytest.mark.parametrize("body", [b"<html>not json</html>", b'{"results": 3}', b"[]"])
 def test_a_200_answer_that_is_not_tokenrms_json_is_a_result_error(body: bytes) -> None:
     async def main() -> None:
-        transport = HttpTransport("http://h:1", None)
-        await transport._http.aclose()
-        transport._http = httpx.AsyncClient(base_url="http://h:1", transport=httpx.MockTransport(
-            lambda request: httpx.Response(200, content=body)))
+        transport = await _answering(httpx.Response(200, content=body))
         try:
             with pytest.raises(ResultError, match=r"http://h:1/score: not a tokenrm answer"):
                 await transport.score([Item.tokens([1], [2])], False, 5.0)
@@ -124,12 +134,9 @@ def test_a_200_answer_that_is_not_tokenrms_json_is_a_result_error(body: bytes) -
 
 def test_an_http_input_error_says_the_servers_error_code() -> None:
     async def main() -> InputError:
-        transport = HttpTransport("http://h:1", None)
-        await transport._http.aclose()
         answer = {"error": {"code": "invalid_input", "message": "items[0].response: empty",
                             "item": 0, "field": "response"}}
-        transport._http = httpx.AsyncClient(base_url="http://h:1", transport=httpx.MockTransport(
-            lambda request: httpx.Response(422, json=answer)))
+        transport = await _answering(httpx.Response(422, json=answer))
         try:
             with pytest.raises(InputError) as refused:
                 await transport.score([Item.text("p", "")], False, 5.0)
@@ -140,3 +147,23 @@ def test_an_http_input_error_says_the_servers_error_code() -> None:
     error = asyncio.run(main())
     assert error.message == "http://h:1/score: 422 invalid_input: items[0].response: empty"
     assert (error.item, error.field) == (0, "response")
+
+
+def test_a_500_that_is_not_tokenrms_answer_is_retried_and_tokenrms_own_is_not() -> None:
+    """Ray Serve's proxy answers a plain-text 500 when the replica it chose dies: another try
+    reaches a live one. A 500 with tokenrm's error body would fail again."""
+    async def main(response: httpx.Response) -> Exception:
+        transport = await _answering(response)
+        try:
+            await transport.score([Item.tokens([1], [2])], False, 5.0)
+        except Exception as exc:
+            return exc
+        finally:
+            await transport.close()
+        raise AssertionError("a 500 was taken for an answer")
+
+    proxy = asyncio.run(main(httpx.Response(500, text="Internal Server Error")))
+    assert isinstance(proxy, Retryable) and not proxy.endpoint_down
+    ours = asyncio.run(main(httpx.Response(500, json={"error": {"code": "internal",
+                                                                 "message": "boom"}})))
+    assert isinstance(ours, ServerError) and "internal: boom" in str(ours)
