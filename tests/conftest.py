@@ -3,6 +3,7 @@ channel and stub to the `server` fixture of the module that asks for them."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,20 @@ def tiny_trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Tr
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_trained: Trained) -> Path:
     return tiny_trained.path
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another checkpoint of the tiny model (every weight 10% larger): other rewards, another
+    version, the same tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("other") / "rm"
+    shutil.copytree(tiny_checkpoint, out)
+    weights = load_file(out / "model.safetensors")
+    save_file({k: (v * 1.1).contiguous() for k, v in weights.items()},
+              out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the test, 127.0.0.1 only), HTTP and gRPC through Ray Serve's proxies."""
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +15,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.ray_serving import ray_serving
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
-from tokenrm.server.launcher import Running, free_port, launch, serve, stop
+from tokenrm.server.launcher import Running, free_port, serve
 
 KEY = {"authorization": "Bearer k1"}        # the servers below take API keys
 GRPC_KEY = tuple(KEY.items())
@@ -30,18 +30,11 @@ ITEMS = [{"prompt": "Facts: Ana lives in Lima. Question: Who is Ana?",
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_checkpoint: Path) -> Iterator[tuple[Running, int]]:
-    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    command = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--ray", "--replicas", "2",
-               "--replica-cpus", "0.5", "--model", str(tiny_checkpoint), "--port", str(port),
-               "--grpc-port", str(grpc_port), "--ray-metrics-port", str(metrics_port)]
-    proc = launch(command, f"http://127.0.0.1:{port}/readyz", name="tokenrm serve --ray",
-                  env={"RAY_AUTH_MODE": "disabled", "TOKENRM_API_KEYS": "k1"}, headers=KEY,
-                  timeout_s=180)
-    try:
-        yield Running(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", proc), metrics_port
-    finally:
-        stop(proc)
-        assert proc.returncode == 0
+    metrics_port = free_port()
+    with ray_serving(tiny_checkpoint, "--replicas", "2", "--replica-cpus", "0.5",
+                     "--ray-metrics-port", str(metrics_port), env={"TOKENRM_API_KEYS": "k1"},
+                     headers=KEY) as running:
+        yield running, metrics_port
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +145,30 @@ def test_a_wrong_ray_flag_is_one_line_before_ray_starts(flag: str, value: str,
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--ray", flag, value])
     assert f"argument {flag}: " in capsys.readouterr().err
+
+
+def test_the_printed_serve_config_is_what_ray_deploys(tiny_checkpoint: Path) -> None:
+    """`tokenrm serve --ray --print-config`: a Serve config Ray accepts, whose import path
+    builds the app with the checkpoint as user_config, and no API key in it."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tokenrm.cli.main import _parser
+    from tokenrm.cli.serve import ray_options
+    from tokenrm.server.ray_app import app
+    from tokenrm.server.ray_deploy import config_file
+    from tokenrm.server.settings import Settings
+
+    args = _parser().parse_args(["serve", "--ray", "--replicas", "3", "--print-config"])
+    text = config_file(Settings(model=tiny_checkpoint, model_version="v9", api_keys="secret",
+                                grpc_port=50077), ray_options(args))
+    assert "secret" not in text and text.startswith("# tokenrm on Ray Serve")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    [application] = config.applications
+    [deployment] = application.deployments
+    assert (deployment.num_replicas, deployment.user_config) == (
+        3, {"model": str(tiny_checkpoint), "model_version": "v9"})
+    assert config.grpc_options.port == 50077
+    assert application.import_path == "tokenrm.server.ray_app:app"
+    built = app(application.args)
+    assert built._bound_deployment.user_config == deployment.user_config

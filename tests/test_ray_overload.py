@@ -4,7 +4,6 @@ nothing is a 5xx. One replica of the tiny model whose queue holds 4 items, held 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,27 +12,19 @@ import grpc
 import httpx
 import pytest
 
+from tests.ray_serving import ray_serving
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
-from tokenrm.server.launcher import Running, free_port, launch, stop
+from tokenrm.server.launcher import Running
 
 ITEMS = [{"prompt_ids": [1, 5, 9], "response_ids": [7, 8]}] * 3
 
 
 @pytest.fixture(scope="module")
 def crowded(tiny_checkpoint: Path) -> Iterator[Running]:
-    port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "tokenrm.cli.main", "serve", "--ray", "--replicas", "1",
-               "--model", str(tiny_checkpoint), "--port", str(port), "--grpc-port",
-               str(grpc_port)]
-    proc = launch(command, f"http://127.0.0.1:{port}/readyz", name="tokenrm serve --ray",
-                  env={"RAY_AUTH_MODE": "disabled", "TOKENRM_MAX_QUEUE_ITEMS": "4",
-                       "TOKENRM_MAX_WAIT_MS": "1000"}, timeout_s=180)
-    try:
-        yield Running(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", proc)
-    finally:
-        stop(proc)
-        assert proc.returncode == 0
+    with ray_serving(tiny_checkpoint, "--replicas", "1", env={
+            "TOKENRM_MAX_QUEUE_ITEMS": "4", "TOKENRM_MAX_WAIT_MS": "1000"}) as running:
+        yield running
 
 
 def test_overload_is_refused_with_a_hint_over_http(crowded: Running) -> None:
