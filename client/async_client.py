@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -17,7 +18,7 @@ from tokenrm.client.grpc_transport import GrpcTransport
 from tokenrm.client.http_transport import HttpTransport
 from tokenrm.client.pool import Endpoint, Pool, Transport
 from tokenrm.client.retry import Retryable, RetryPolicy
-from tokenrm.client.types import Item, ItemScore, ModelInfo
+from tokenrm.client.types import Item, ItemScore, ModelInfo, as_item
 
 BYTES_PER_TOKEN = 8         # a token id or a character's worth of JSON, generously
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -78,17 +79,20 @@ class AsyncRewardClient:
                 lambda e, t: e.transport.model_info(t), deadline)
         return self._info
 
-    async def score(self, items: Sequence[Item], *, return_tokens: bool = False,
-                    timeout_s: float | None = None) -> list[ItemScore]:
-        """Scores of `items`, in order. `return_tokens`: also each token's string (`tokens`)
-        and, for text items, its character span (`offsets`). Raises InputError (naming the
+    async def score(self, items: Sequence[Item | Mapping[str, Any]], *,
+                    return_tokens: bool = False, timeout_s: float | None = None
+                    ) -> list[ItemScore]:
+        """Scores of `items` (Items, or dicts of the JSON item shape), in order.
+        `return_tokens`: also each token's string (`tokens`) and, for text items, its character
+        span (`offsets`). Raises TypeError (an item of another kind), InputError (naming the
         item), AuthenticationError, ServerError (retries exhausted), DeadlineError,
         ResultError."""
-        if not items:
+        checked = [as_item(i, item) for i, item in enumerate(items)]
+        if not checked:
             return []
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         info = await self.model_info(max(0.001, deadline - time.monotonic()))
-        chunks = self._split(items, info)
+        chunks = self._split(checked, info)
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(start: int, chunk: Sequence[Item]) -> list[ItemScore]:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from tokenrm.client.async_client import AsyncRewardClient
 from tokenrm.client.retry import RetryPolicy
-from tokenrm.client.types import Item, ItemScore, ModelInfo
+from tokenrm.client.types import Item, ItemScore, ModelInfo, as_item
 
 T = TypeVar("T")
 
@@ -44,16 +44,18 @@ class RewardClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def score(self, items: Sequence[Item], *, return_tokens: bool = False,
+    def score(self, items: Sequence[Item | Mapping[str, Any]], *, return_tokens: bool = False,
               timeout_s: float | None = None) -> list[ItemScore]:
         """See AsyncRewardClient.score."""
         return self.submit(items, return_tokens=return_tokens, timeout_s=timeout_s).result()
 
-    def submit(self, items: Sequence[Item], *, return_tokens: bool = False,
+    def submit(self, items: Sequence[Item | Mapping[str, Any]], *, return_tokens: bool = False,
                timeout_s: float | None = None) -> Future[list[ItemScore]]:
         """Start scoring `items` and return at once (e.g. to generate the next batch meanwhile);
-        the future's result() gives what `score` would return, or raises what it would raise."""
-        return self._submit(self._client.score(items, return_tokens=return_tokens,
+        the future's result() gives what `score` would return, or raises what it would raise
+        (an item of another kind: TypeError at once)."""
+        checked = [as_item(i, item) for i, item in enumerate(items)]
+        return self._submit(self._client.score(checked, return_tokens=return_tokens,
                                                timeout_s=timeout_s))
 
     def model_info(self, timeout_s: float | None = None) -> ModelInfo:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,26 @@ class Item:
     def tokens(cls, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Item:
         return cls(prompt_ids=[int(t) for t in prompt_ids],
                    response_ids=[int(t) for t in response_ids])
+
+
+TEXT_KEYS, IDS_KEYS = {"prompt", "response", "spans"}, {"prompt_ids", "response_ids"}
+ACCEPTED = ("an Item (Item.text, Item.tokens) or a dict of the JSON item shape: "
+            "{'prompt', 'response'[, 'spans']} or {'prompt_ids', 'response_ids'}")
+
+
+def as_item(index: int, value: object) -> Item:
+    """`value` as an Item: an Item as it is, or a dict of the JSON API's item shape; anything
+    else is a TypeError naming the item and what is accepted."""
+    if isinstance(value, Item):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"items[{index}]: a {type(value).__name__}; give {ACCEPTED}")
+    keys = set(value)
+    if "response" in keys and keys <= TEXT_KEYS:
+        return Item.text(value.get("prompt") or "", value["response"], value.get("spans"))
+    if "response_ids" in keys and keys <= IDS_KEYS:
+        return Item.tokens(value.get("prompt_ids") or (), value["response_ids"])
+    raise TypeError(f"items[{index}]: a dict with keys {sorted(keys)}; give {ACCEPTED}")
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,18 @@ def test_results_equal_the_servers_own(server: Running, scheme: str) -> None:
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_plain_dicts_of_the_json_shape_score_as_items_do(server: Running, scheme: str) -> None:
+    want = served(server.url, ITEMS)
+    with RewardClient(url_of(server, scheme), timeout_s=TIMEOUT) as client:
+        assert_same(client.score([as_json(item) for item in ITEMS]), want, exact=True)
+        with pytest.raises(TypeError, match=r"^items\[1\]: a dict with keys \['prompt', 'text'\]; "
+                                            r"give an Item \(Item.text, Item.tokens\) or a dict"):
+            client.score([as_json(ITEMS[0]), {"prompt": "p", "text": "r"}])
+        with pytest.raises(TypeError, match=r"^items\[0\]: a str; give an Item"):
+            client.submit(["Ana lives in Lima."])  # at once, not from the future
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_async_client_results_equal_the_servers_own(server: Running, scheme: str) -> None:
     want = served(server.url, ITEMS)
 
