@@ -13,12 +13,11 @@ import argparse
 import json
 import re
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import uvloop
 from load import Body, metrics_text, run_load
-from serve_bench import RESULTS, resolve_model, start_servers
+from serve_bench import load_arguments, resolve_model, start_servers
 
 from tokenrm.training import synth
 
@@ -81,13 +80,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
-    p.add_argument("--seconds", type=float, default=15.0)
-    p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args()
+    args = load_arguments(__doc__, warmup=2.0)
     path = resolve_model(args.model)
     with ExitStack() as stack:
         targets = start_servers(stack, path)
