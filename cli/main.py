@@ -50,9 +50,12 @@ def _eval_rm(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from tokenrm.training.demo import demo_checkpoint
+    from tokenrm.training.demo import demo_checkpoint, rebuild
 
-    print(demo_checkpoint(args.cache_dir, args.preset))
+    if args.rebuild and args.preset != "demo":
+        raise SystemExit("tokenrm demo: --rebuild is for the shipped demo preset; the tiny "
+                         "preset is built on first use")
+    print(rebuild() if args.rebuild else demo_checkpoint(args.cache_dir, args.preset))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,8 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_ray_update_command(sub)
 
-    p = sub.add_parser("demo", help="build (once) and print the path of the demo model")
+    p = sub.add_parser("demo", help="print the path of the demo model (shipped; the tiny "
+                                    "preset's is built once)")
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
+    p.add_argument("--rebuild", action="store_true",
+                   help="train the shipped demo model again with the recipe (minutes), into "
+                        "the package's demo/model")
     p.add_argument("--cache-dir", type=Path, help="default: the user's cache directory")
     p.set_defaults(run=_demo)
 

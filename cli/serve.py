@@ -22,12 +22,11 @@ def _settings(args: argparse.Namespace) -> Any:
         problems = [(f"TOKENRM_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
                     + e["msg"].removeprefix("Value error, ") for e in exc.errors()]
         raise SystemExit("tokenrm serve: invalid settings: " + "; ".join(problems)) from None
-    if settings.model is None:  # the demo model, built and cached on first use
-        from tokenrm.training.demo import DEMO_NAME, demo_checkpoint
+    if settings.model is None:  # the demo model, shipped with the package
+        from tokenrm import demo
 
         settings = settings.model_copy(update={
-            "model": demo_checkpoint(settings.cache_dir),
-            "model_name": settings.model_name or DEMO_NAME})
+            "model": demo.checkpoint(), "model_name": settings.model_name or demo.NAME})
     return settings
 
 

@@ -52,3 +52,21 @@ def test_a_weak_build_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch.setattr(demo, "WARN_BELOW_PAIRWISE", 1.01)  # nothing reaches it: a warning
         demo.build_checkpoint(tmp_path / "b", PRESETS["tiny"], progress=False)
     assert "trained poorly" in caplog.text
+
+
+def test_the_shipped_demo_belongs_to_the_current_recipe() -> None:
+    assert demo.shipped_recipe() == demo.recipe_key(PRESETS["demo"]), (
+        "the demo recipe changed: run `tokenrm demo --rebuild` and commit demo/model")
+
+
+def test_the_shipped_demo_meets_its_floors_on_pairs_of_an_unseen_seed() -> None:
+    """500 pairs of a world the recipe never saw (it trains on seed 1, evaluates on seed 2)."""
+    from tokenrm import demo as shipped
+    from tokenrm.server.model import RewardModel
+    from tokenrm.training import synth
+    from tokenrm.training.evaluate import evaluate
+
+    model = RewardModel.load(shipped.checkpoint(), trace=False)
+    got = evaluate(model.score_texts, list(synth.generate(20261201, 500)))
+    assert got["token_auroc"] >= 0.95 and got["pairwise_accuracy"] >= 0.95, got
+    assert got["localisation_f1"] >= 0.80, got

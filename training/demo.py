@@ -1,4 +1,5 @@
-"""The demo model: built on first use from the demo preset, cached per recipe version."""
+"""The demo models: the demo preset's is shipped with the package (tokenrm.demo; `rebuild`
+trains it again); other presets' are built on first use and cached per recipe version."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from filelock import FileLock
 from platformdirs import user_cache_dir
 
+from tokenrm import demo as shipped
 from tokenrm.training import synth
 from tokenrm.training.data import write_pairs
 from tokenrm.training.presets import PRESETS, Preset
@@ -23,7 +25,6 @@ log = logging.getLogger(__name__)
 # Bump when the recipe changes in a way the preset does not show (data, labels, training code).
 RECIPE = "5"
 DATA_SEED, EVAL_SEED, TRAIN_SEED = 1, 2, 0
-DEMO_NAME = "demo-token-rm"  # the name the server reports for it
 
 
 def recipe_key(preset: Preset) -> str:
@@ -48,6 +49,9 @@ def build_checkpoint(out: Path, preset: Preset, progress: bool = True) -> None:
         write_pairs(data / "train.jsonl", synth.generate(DATA_SEED, preset.n_train))
         write_pairs(data / "eval.jsonl", synth.generate(EVAL_SEED, preset.n_eval))
         trained = train_rm(data, out, preset, TrainOptions(seed=TRAIN_SEED, progress=progress))
+    written = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({"recipe": recipe_key(preset), **written},
+                                                 indent=2) + "\n")
     metrics = trained.metrics["eval"]
     log.info("built %s: %s", out, metrics)
     if (metrics["pairwise_accuracy"] or 0.0) < WARN_BELOW_PAIRWISE:
@@ -78,7 +82,33 @@ def cached_build(root: Path, name: str, build: Callable[[Path], object]) -> Path
 
 def demo_checkpoint(cache_dir: Path | None = None, preset_name: str = "demo",
                     progress: bool = True) -> Path:
-    """The cached checkpoint of `preset_name`, built first if this recipe has none yet."""
+    """The demo preset's shipped checkpoint; another preset's cached one, built first if this
+    recipe has none yet."""
+    if preset_name == "demo":
+        return shipped.checkpoint()
     preset = PRESETS[preset_name]
     return cached_build(cache_dir or default_cache_dir(), f"{preset_name}-{recipe_key(preset)}",
                         lambda out: build_checkpoint(out, preset, progress))
+
+
+def shipped_recipe() -> str | None:
+    """The recipe key the shipped demo checkpoint was trained by."""
+    metrics = json.loads((shipped.checkpoint() / "metrics.json").read_text())
+    return metrics.get("recipe")
+
+
+def rebuild(progress: bool = True) -> Path:
+    """Train the demo preset again, into the package's demo/model directory (of a source
+    checkout: the one an editable install links to). A failed build leaves the old one."""
+    target = Path(shipped.__file__).resolve().parent / "model"
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
+    old = target.with_name(".model-old")
+    try:
+        build_checkpoint(staging, PRESETS["demo"], progress)
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
