@@ -7,8 +7,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
+from tokenrm.cli.paths import OneLineParser, checkpoint, existing_file, out_dir, pairs_dir
 from tokenrm.cli.ppo import add_ppo_commands
 from tokenrm.cli.score import add_score_command
 from tokenrm.cli.serve import add_ray_update_command, add_serve_command
@@ -59,28 +59,30 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenrm", description=__doc__)
+    parser = OneLineParser(prog="tokenrm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write seeded minimal-edit pairs (train/eval JSONL)")
-    p.add_argument("--out", type=Path, required=True, help="directory for train.jsonl, eval.jsonl")
+    p.add_argument("--out", type=out_dir, required=True,
+                   help="directory for train.jsonl, eval.jsonl")
     p.add_argument("--n", type=int, default=6000, help="pairs in all; a tenth are held out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("train-rm", help="train a token reward model; writes a HF checkpoint")
-    p.add_argument("--data", type=Path, required=True, help="directory with train/eval.jsonl")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--data", type=pairs_dir, required=True,
+                   help="directory with train/eval.jsonl")
+    p.add_argument("--out", type=out_dir, required=True, help="checkpoint directory to write")
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
-    p.add_argument("--base", type=Path, help="a local HF checkpoint to start from")
+    p.add_argument("--base", type=checkpoint, help="a local HF checkpoint to start from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.set_defaults(run=_train_rm)
 
     p = sub.add_parser("eval-rm", help="print a token reward model's metrics as JSON")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    p.add_argument("--data", type=Path, required=True, help="a JSONL file of pairs")
+    p.add_argument("--model", type=checkpoint, required=True, help="checkpoint directory")
+    p.add_argument("--data", type=existing_file, required=True, help="a JSONL file of pairs")
     p.set_defaults(run=_eval_rm)
 
     add_serve_command(sub)
@@ -92,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true",
                    help="train the shipped demo model again with the recipe (minutes), into "
                         "the package's demo/model")
-    p.add_argument("--cache-dir", type=Path, help="default: the user's cache directory")
+    p.add_argument("--cache-dir", type=out_dir, help="default: the user's cache directory")
     p.set_defaults(run=_demo)
 
     add_score_command(sub)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
+
+from tokenrm.cli.paths import checkpoint, existing_file, out_dir
 
 DEFAULT_SERVER = "grpc://127.0.0.1:50051"
 # Flag (argparse dest) -> the dataclass field it sets.
@@ -101,7 +102,7 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 def _ppo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="run directory (log, checkpoints)")
+    p.add_argument("--out", type=out_dir, required=True, help="run directory (log, checkpoints)")
     p.add_argument("--server", action="append", metavar="URL",
                    help=f"reward server, grpc://host:port or http://host:port (default "
                         f"{DEFAULT_SERVER}); repeat for several")
@@ -111,7 +112,7 @@ def _ppo_arguments(p: argparse.ArgumentParser) -> None:
                         "spans; auto (default): ids when the tokenizers' fingerprints match")
     p.add_argument("--timeout", type=float,
                    help="seconds one scoring call may take, retries included")
-    p.add_argument("--policy", type=Path,
+    p.add_argument("--policy", type=checkpoint,
                    help="SFT policy directory (default: the demo policy, built once)")
     p.add_argument("--policy-recipe", choices=("tiny", "demo"), default="demo",
                    help="which demo policy to build when --policy is not given")
@@ -139,7 +140,7 @@ def add_ppo_commands(sub: Any) -> None:
     """The `ppo` and `experiment` subcommands, onto the parser's subparsers."""
     p = sub.add_parser("ppo", help="fine-grained PPO of a policy against a running server")
     _ppo_arguments(p)
-    p.add_argument("--prompt-file", type=Path, metavar="FILE.jsonl",
+    p.add_argument("--prompt-file", type=existing_file, metavar="FILE.jsonl",
                    help='train on your own prompts: one {"prompt": "..."} object per line '
                         "(default: the synthetic task's prompts, judged by its oracle)")
     p.add_argument("--mode", choices=("fine", "seq"),

@@ -4,8 +4,9 @@ application of replicas."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
+
+from tokenrm.cli.paths import checkpoint
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -90,7 +91,8 @@ def add_serve_command(sub: Any) -> None:
     """The `serve` subcommand, onto the parser's subparsers."""
     p = sub.add_parser("serve", help="serve a reward model over HTTP and gRPC (the demo model "
                                      "by default); other settings: TOKENRM_* variables")
-    p.add_argument("--model", type=Path, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--model", type=checkpoint,
+                   help="checkpoint directory (default: the demo model)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; TOKENRM_HOST)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000; TOKENRM_HTTP_PORT)")
     p.add_argument("--grpc-port", type=int,
@@ -129,8 +131,8 @@ def add_ray_update_command(sub: Any) -> None:
     """The `ray-update` subcommand: a running `tokenrm serve --ray` onto another checkpoint."""
     p = sub.add_parser("ray-update", help="switch a running Ray deployment to another "
                                           "checkpoint, one replica at a time, no failed request")
-    p.add_argument("--model", type=Path, required=True,
-                   help="checkpoint directory, as the replicas' machines see it")
+    p.add_argument("--model", type=checkpoint, required=True,
+                   help="checkpoint directory (the replicas' machines must see the same path)")
     p.add_argument("--model-version", help="the version answers report (default: a hash of "
                                            "the checkpoint's config and weight files)")
     p.add_argument("--ray-address", default="auto",

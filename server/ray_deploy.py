@@ -98,9 +98,6 @@ def update(address: str, model: Path, version: str | None) -> None:
     of its files) and wait until every replica serves it. If replicas cannot load it, this
     raises SystemExit with the reason; replicas not yet updated keep serving the old checkpoint,
     and the deployment runs short of replicas until an update that loads."""
-    if not (model / "config.json").is_file():
-        raise SystemExit(f"tokenrm ray-update: --model {model}: not a checkpoint directory "
-                         "on this machine (no config.json)")
     ray.init(address=address, log_to_driver=False)
     try:
         deployed = _deployed()

@@ -55,10 +55,10 @@ def test_train_rm_from_the_command_line(data_dir: Path, tmp_path: Path, capsys) 
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] > 0
 
 
-def test_invalid_server_settings_are_one_line_each_not_a_traceback(tmp_path: Path) -> None:
+def test_invalid_server_settings_are_one_line_each_not_a_traceback() -> None:
     env = {"TOKENRM_API_KEYS": " , ", "TOKENRM_MAX_QUEUE_ITEMS": "lots", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "tokenrm.cli.main", "serve", "--model",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "tokenrm.cli.main", "serve"], env=env,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
@@ -86,10 +86,39 @@ def test_eval_rm_takes_any_checkpoint_the_server_serves(tmp_path: Path, tokenize
     assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0
 
 
-def test_eval_rm_names_a_missing_model_in_one_line(tmp_path: Path, data_dir: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "tokenrm.cli.main", "eval-rm", "--model", str(tmp_path / "nope"),
-         "--data", str(data_dir / "eval.jsonl")], capture_output=True, text=True, check=False)
-    assert run.returncode != 0
-    assert run.stderr.strip().splitlines()[-1] == \
-        f"tokenrm eval-rm: {tmp_path / 'nope'}: not a checkpoint directory (no config.json)"
+@pytest.mark.parametrize("argv, flag, path, problem", [
+    (["eval-rm", "--model", "{tmp}/nope", "--data", "{tmp}/pairs.jsonl"], "--model", "{tmp}/nope",
+     "no such directory"),
+    (["eval-rm", "--model", "{tmp}", "--data", "{tmp}/pairs.jsonl"], "--model", "{tmp}",
+     "not a checkpoint directory (no config.json)"),
+    (["eval-rm", "--model", "{ckpt}", "--data", "{tmp}"], "--data", "{tmp}", "not a file"),
+    (["eval-rm", "--model", "{ckpt}", "--data", "{tmp}/nope.jsonl"], "--data",
+     "{tmp}/nope.jsonl", "no such file"),
+    (["train-rm", "--data", "{tmp}", "--out", "{tmp}/out"], "--data", "{tmp}",
+     "no train.jsonl or eval.jsonl in it (tokenrm synth --out DIR writes both)"),
+    (["train-rm", "--data", "{data}", "--out", "{tmp}/pairs.jsonl"], "--out",
+     "{tmp}/pairs.jsonl", "exists and is not a directory"),
+    (["train-rm", "--data", "{data}", "--out", "{tmp}/o", "--base", "{tmp}/nope"], "--base",
+     "{tmp}/nope", "no such directory"),
+    (["serve", "--model", "{tmp}/pairs.jsonl"], "--model", "{tmp}/pairs.jsonl",
+     "not a directory"),
+    (["ray-update", "--model", "{tmp}"], "--model", "{tmp}",
+     "not a checkpoint directory (no config.json)"),
+    (["ppo", "--out", "{tmp}/run", "--prompt-file", "{tmp}/nope.jsonl"], "--prompt-file",
+     "{tmp}/nope.jsonl", "no such file"),
+    (["ppo", "--out", "{tmp}/run", "--policy", "{tmp}"], "--policy", "{tmp}",
+     "not a checkpoint directory (no config.json)"),
+    (["synth", "--out", "{tmp}/pairs.jsonl"], "--out", "{tmp}/pairs.jsonl",
+     "exists and is not a directory"),
+])
+def test_a_missing_or_wrong_path_is_one_line_naming_it(
+        argv: list[str], flag: str, path: str, problem: str, tiny_checkpoint: Path,
+        data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pairs.jsonl").write_text("")
+    where = {"tmp": str(tmp_path), "ckpt": str(tiny_checkpoint), "data": str(data_dir)}
+    with pytest.raises(SystemExit) as exited:
+        main([arg.format(**where) for arg in argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"tokenrm {argv[0]}: error: argument {flag}: {path.format(**where)}: "
+                   f"{problem}\n")

@@ -172,19 +172,20 @@ def test_the_cli_defaults_are_the_dataclasses_defaults() -> None:
     assert PPOConfig().iterations == 60  # both commands' default, as before
 
 
-def test_cli_flags_set_the_fields_they_name() -> None:
+def test_cli_flags_set_the_fields_they_name(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Who is Ana?"}\n')
     for flags, cls in ((CONFIG_FLAGS, PPOConfig), (SAMPLING_FLAGS, Sampling),
                        (CONNECTION_FLAGS, Connection), (EXPERIMENT_FLAGS, Experiment)):
         assert set(flags.values()) <= {f.name for f in fields(cls)}, cls
     args = _parser().parse_args(["ppo", "--out", "x", "--iterations", "5", "--prompts", "3",
                                  "--temperature", "0.7", "--mode", "seq", "--kl-target", "2",
-                                 "--timeout", "9", "--prompt-file", "p.jsonl"])
+                                 "--timeout", "9", "--prompt-file", str(tmp_path / "p.jsonl")])
     config = _ppo_config(args)
     assert (config.iterations, config.prompts_per_iteration, config.mode, config.kl_target) == \
         (5, 3, "seq", 2.0)
     assert config.sampling == Sampling(temperature=0.7)
     assert _connection(args).timeout_s == 9.0
-    assert args.prompt_file == Path("p.jsonl")
+    assert args.prompt_file == tmp_path / "p.jsonl"
 
 
 def test_building_the_parser_imports_no_torch() -> None:

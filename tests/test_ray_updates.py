@@ -137,9 +137,9 @@ def test_a_model_update_under_load_fails_no_request_and_switches_versions(
 def test_an_update_to_a_checkpoint_that_is_not_one_is_one_line(
         ray_server: Running, tiny_checkpoint: Path, tmp_path: Path) -> None:
     refused = on_ray("-m", "tokenrm.cli.main", "ray-update", "--model", str(tmp_path))
-    assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1] == (
-        f"tokenrm ray-update: --model {tmp_path}: not a checkpoint directory on this machine "
-        "(no config.json)")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"tokenrm ray-update: error: argument --model: {tmp_path}: not a checkpoint directory "
+        "(no config.json)"]
     assert httpx.get(f"{ray_server.url}/v1/model", timeout=30).json()["version"] == \
         checkpoint_version(tiny_checkpoint)  # still serving
