@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from tokenrm.core.encoding import Encoded, encode, fit
 from tokenrm.core.reward_rule import POS_MINUS_NEG
@@ -64,6 +66,21 @@ def checkpoint_version(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' loading chatter (a progress bar per load, notes on config fields a reward
+    model does not use) means nothing to someone running a reward server: errors only."""
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -105,9 +122,10 @@ class RewardModel:
                        for a in (config.architectures or []))
         auto = AutoModelForSequenceClassification if sequence else AutoModelForTokenClassification
         try:
-            model, loading = auto.from_pretrained(path, dtype=DTYPES[dtype],
-                                                  output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            with _quiet_transformers():
+                model, loading = auto.from_pretrained(path, dtype=DTYPES[dtype],
+                                                      output_loading_info=True)
+                tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # any failure here (safetensors, config, tokenizer) means the same
             raise ModelLoadError(f"{path}: cannot load the checkpoint: {exc}") from exc
         untrained = sorted({str(k if isinstance(k, str) else k[0])
@@ -121,7 +139,8 @@ class RewardModel:
         if sequence:  # HF pools a sequence head at the last token that is not the pad id
             model.config.pad_token_id = pad_id(tokenizer)
         vocab_size = model.get_input_embeddings().num_embeddings
-        logits = traced_logits(model, pad_id(tokenizer), vocab_size) if trace else None
+        with _quiet_transformers():  # tracing reads every attribute, loss_function's too
+            logits = traced_logits(model, pad_id(tokenizer), vocab_size) if trace else None
         info = ModelInfo(
             name=name or path.name, kind="sequence" if sequence else "token",
             labels=tuple(str(model.config.id2label[i]) for i in range(num_labels)),
