@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # strict: a link tree that static tools resolve; new files need a re-link, which these rules do.
 EDITABLE := --config-settings editable_mode=strict
-SOURCES := $(shell find cli client core integrations proto server training -name "*.py" -o -name py.typed 2>/dev/null)
+SOURCES := $(shell find cli client core demo integrations proto server training -name "*.py" -o -name py.typed -o -path "*/static/*" -o -path "demo/demo-token-rm/*" 2>/dev/null)
 
 .PHONY: install serve test lint demo clean proto
 
@@ -27,8 +27,17 @@ install: $(VENV)/.linked
 serve: install
 	$(VENV)/bin/tokenrm serve
 
-test: install trainer-venvs
+test: install trainer-venvs browser
 	TOKENRM_TRAINER_VENVS=1 $(PY) -m pytest -q
+
+# Debian's chromium and its driver, for the web page's browser test (tests/test_web_page.py).
+# Nothing to do when both are on PATH; apt-get update only when the package lists lack them.
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(APT) install -y --no-install-recommends chromium chromium-driver || { \
+		$(APT) update && $(APT) install -y --no-install-recommends chromium chromium-driver; }; }
 
 # The trainers' own environments, as their users have them: the CPU torch first, the trainer's
 # package from the registry, and tokenrm's light client; tests/test_integrations.py runs each
@@ -56,7 +65,7 @@ lint: install
 	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.core -p tokenrm.integrations -p tokenrm.training -p tokenrm.server
 
 demo: install
-	$(VENV)/bin/tokenrm demo
+	$(VENV)/bin/tokenrm demo --rebuild
 
 # Regenerate the gRPC modules in proto/ from proto/tokenrm/v1/reward.proto (a test fails when stale).
 proto: install
@@ -79,6 +88,7 @@ bench: install
 	$(PY) bench/serve_bench.py
 	$(PY) bench/serve_bench.py --items-per-request 1
 	$(PY) bench/get_reward_bench.py
+	$(PY) bench/ray_bench.py
 
 # Fine-grained vs sequence-level PPO over 3 seeds against a local demo server
 # The runs go to runs/fine-vs-seq/; the table, plot and numbers are copied to bench/results/.

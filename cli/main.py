@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
     p.add_argument("--rebuild", action="store_true",
                    help="train the shipped demo model again with the recipe (minutes), into "
-                        "the package's demo/model")
+                        "the package's demo/demo-token-rm")
     p.add_argument("--cache-dir", type=out_dir, help="default: the user's cache directory")
     p.set_defaults(run=_demo)
 

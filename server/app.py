@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from tokenrm.server.grpc_server import grpc_serving
 from tokenrm.server.http_api import add_http_api
+from tokenrm.server.http_page import add_page
 from tokenrm.server.live import LiveState, load_model
 from tokenrm.server.model import RewardModel
 from tokenrm.server.settings import Settings
@@ -44,4 +45,5 @@ def create_app(settings: Settings, model: RewardModel | None = None, *,
                   description="Per-token rewards from a token-level reward model.",
                   openapi_url=None if settings.api_keys else "/openapi.json")
     add_http_api(app)
+    add_page(app)
     return app

@@ -1,8 +1,9 @@
 """API keys and exposure, against real `tokenrm serve` processes on 127.0.0.1: with keys set,
 every HTTP route of the app (enumerated from the app itself) and every gRPC method the server
 exposes (enumerated from the services' descriptors and the server's own reflection) refuses a
-missing, wrong or wrongly presented key (401 / UNAUTHENTICATED), except /healthz and the gRPC
-health check; the schema and docs pages are not served; the default bind address is loopback
+missing, wrong or wrongly presented key (401 / UNAUTHENTICATED), except /healthz, the gRPC
+health check and the web page (GET / and its static files, which hold no data and no secret);
+the schema and docs pages are not served; the default bind address is loopback
 (the container's is every interface); and no key, right or wrong, reaches the server's output."""
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.server.app import create_app
+from tokenrm.server.http_page import STATIC
 from tokenrm.server.launcher import Running, free_port, serve, stop
 from tokenrm.server.settings import Settings
 
@@ -57,6 +60,10 @@ SCORE_BODY = b'{"items": [{"prompt_ids": [1, 5], "response_ids": [7, 9]}]}'
 HTTP_EXPECTED = {("POST", "/score"), ("GET", "/v1/model"), ("GET", "/readyz"),
                  ("GET", "/metrics"), ("GET", "/healthz")}
 HTTP_PUBLIC = {("GET", "/healthz")}
+# The web page: the HTML at / and every file of server/static/ at /static/<file>; nothing else.
+PAGE = {("GET", "/")} | {("GET", f"/static/{p.relative_to(STATIC).as_posix()}")
+                         for p in STATIC.rglob("*") if p.is_file()}
+PAGE_SUFFIXES = {".html", ".css", ".js", ".svg"}  # what the page is made of; no data files
 DOCS = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")}  # without keys only
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RewardService"]
@@ -138,7 +145,11 @@ def route_probes(routes: Sequence[BaseRoute], prefix: str = "") -> set[tuple[str
     of route this test cannot probe fails it, so that no new route slips through untested."""
     found: set[tuple[str, str]] = set()
     for route, path, methods in flat_routes(routes):
-        if isinstance(route, Mount):
+        if isinstance(route, Mount) and isinstance(route.app, StaticFiles):  # each file
+            folder = Path(str(route.app.directory))
+            found |= {("GET", f"{prefix}{path}/{p.relative_to(folder).as_posix()}")
+                      for p in folder.rglob("*") if p.is_file()}
+        elif isinstance(route, Mount):
             inner = route.routes
             found |= (route_probes(inner, prefix + path) if inner
                       else {("GET", f"{prefix}{path}/")})
@@ -165,17 +176,20 @@ def _send(client: httpx.Client, method: str, path: str,
     return client.request(method, path, content=body, headers=headers)
 
 
-def test_every_http_route_but_healthz_refuses_a_missing_or_wrong_key(guarded: Running) -> None:
+def test_every_http_route_but_healthz_and_the_page_refuses_a_missing_or_wrong_key(
+        guarded: Running) -> None:
     keyed, keyless = app_probes(KEYS), app_probes(())
-    assert keyed >= HTTP_EXPECTED, "the enumeration misses routes: it would prove nothing"
+    assert keyed >= HTTP_EXPECTED | PAGE, "the enumeration misses routes: it would prove nothing"
+    assert len(PAGE) >= 3, PAGE  # the page, its script and its style at least
     docs = keyless - keyed  # what the app serves only without keys
     assert docs >= DOCS
     with httpx.Client(base_url=guarded.url, timeout=TIMEOUT) as client:
         for method, path in sorted(keyed):
             for name, authorization in BAD.items():
                 r = _send(client, method, path, authorization)
-                if (method, path) in HTTP_PUBLIC:
+                if (method, path) in HTTP_PUBLIC | PAGE:
                     assert r.status_code == 200, (path, name, r.status_code)
+                    assert not any(s in r.text for s in (*KEYS, WRONG)), (path, name)
                     continue
                 assert r.status_code == 401, (method, path, name, r.status_code, r.text[:200])
                 assert r.headers.get("www-authenticate") == "Bearer", (path, name)
@@ -195,6 +209,30 @@ def test_every_http_route_but_healthz_refuses_a_missing_or_wrong_key(guarded: Ru
                 r = _send(client, method, path, authorization)
                 assert r.status_code in (401, 404), (path, authorization, r.status_code)
                 assert not re.search(r"openapi|swagger|redoc", r.text, re.I), (path, r.text[:200])
+
+
+def test_the_web_page_and_its_files_are_public_and_hold_no_secret(guarded: Running) -> None:
+    """GET / and /static/<file> answer without a key (the page asks the user for one); they are
+    the page's own files, nothing else in or beside the folder is served, and none holds a key."""
+    assert {Path(path).suffix for _, path in PAGE if path != "/"} <= PAGE_SUFFIXES, PAGE
+    with httpx.Client(base_url=guarded.url, timeout=TIMEOUT) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        for _, path in sorted(PAGE - {("GET", "/")}):
+            r = client.get(path)
+            assert r.status_code == 200, (path, r.status_code)
+            # The page itself (/static/index.html), or a file it uses.
+            assert r.content == page.content or f'"{path.lstrip("/")}"' in page.text, path
+            assert "set-cookie" not in r.headers, path
+            assert not any(s in r.text for s in (*KEYS, WRONG)), path
+        assert not any(s in page.text for s in (*KEYS, WRONG))
+        # No listing of the folder, and no way out of it.
+        for path in ("/static/", "/static/%2e%2e/http_page.py", "/static/..%2fapp.py"):
+            r = client.get(path)
+            assert r.status_code == 404, (path, r.status_code)
+            assert "create_app" not in r.text and "add_page" not in r.text, path
 
 
 # ---------------------------------------------------------------- gRPC

@@ -56,7 +56,7 @@ def test_a_weak_build_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
 
 def test_the_shipped_demo_belongs_to_the_current_recipe() -> None:
     assert demo.shipped_recipe() == demo.recipe_key(PRESETS["demo"]), (
-        "the demo recipe changed: run `tokenrm demo --rebuild` and commit demo/model")
+        "the demo recipe changed: run `tokenrm demo --rebuild` and commit demo/demo-token-rm")
 
 
 def test_the_shipped_demo_meets_its_floors_on_pairs_of_an_unseen_seed() -> None:

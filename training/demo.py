@@ -98,11 +98,11 @@ def shipped_recipe() -> str | None:
 
 
 def rebuild(progress: bool = True) -> Path:
-    """Train the demo preset again, into the package's demo/model directory (of a source
+    """Train the demo preset again, into the package's demo/demo-token-rm directory (of a source
     checkout: the one an editable install links to). A failed build leaves the old one."""
-    target = Path(shipped.__file__).resolve().parent / "model"
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
-    old = target.with_name(".model-old")
+    target = Path(shipped.__file__).resolve().parent / shipped.NAME
+    staging = Path(tempfile.mkdtemp(prefix=".rebuild-", dir=target.parent))
+    old = target.with_name(".rebuild-old")
     try:
         build_checkpoint(staging, PRESETS["demo"], progress)
         shutil.rmtree(old, ignore_errors=True)
