@@ -62,7 +62,7 @@ trainer-venvs: $(foreach t,$(TRAINERS),.venv-$(t)/.deps)
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.core -p tokenrm.integrations -p tokenrm.training -p tokenrm.server
+	$(VENV)/bin/mypy -p tokenrm.cli -p tokenrm.client -p tokenrm.core -p tokenrm.demo -p tokenrm.integrations -p tokenrm.training -p tokenrm.server
 
 demo: install
 	$(VENV)/bin/tokenrm demo --rebuild
