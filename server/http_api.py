@@ -9,16 +9,16 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
 from tokenrm.server import http_schema as schema
 from tokenrm.server.errors import ScoringError
 from tokenrm.server.http_common import (
     ERRORS,
+    JSON_ERRORS,
     State,
     authorized,
-    invalid,
     json_response,
+    parse,
     read_body,
 )
 from tokenrm.server.http_errors import error_response
@@ -30,10 +30,7 @@ from tokenrm.server.service import ScoreAnswer, ScoreRequest
 
 
 def request_from_json(body: bytes) -> ScoreRequest:
-    try:
-        parsed = schema.ScoreRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise invalid(exc) from None
+    parsed = parse(schema.ScoreRequest, body)
     return ScoreRequest([
         ScoreItem(prompt=i.prompt, response=i.response, prompt_ids=i.prompt_ids,
                   response_ids=i.response_ids,
@@ -65,7 +62,9 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Model loaded and queue accepting",
-            dependencies=[Depends(authorized)], responses=ERRORS)
+            response_model=schema.ReadyResponse, dependencies=[Depends(authorized)],
+            responses={**ERRORS, 503: {"model": schema.ReadyResponse, "description": "Not "
+                                       "ready: retry after Retry-After seconds"}})
 async def readyz(state: State) -> Response:
     if not state.service.ready:
         return json_response({"status": "not ready"}, 503, {"Retry-After": "1"})
@@ -81,7 +80,7 @@ async def model_info(state: State) -> schema.ModelInfoResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)],
-            summary="Prometheus metrics", responses=ERRORS)
+            summary="Prometheus metrics", responses=JSON_ERRORS)
 async def metrics(state: State) -> Response:
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -98,9 +97,20 @@ async def score(request: Request, state: State) -> Response:
     return await state.service.handle("http", read, answer_json)
 
 
+def request_schemas(spec: dict[str, Any]) -> dict[str, Any]:
+    """Add the schemas of the bodies that routes parse themselves (for speed and limits) to
+    the OpenAPI `spec`, which refers to them by name."""
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (schema.ScoreRequest, schema.GetRewardRequest):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    return spec
+
+
 def add_http_api(app: FastAPI) -> None:
-    """Routes, the error handler and the schema of /score's body (which the route parses
-    itself, for speed and limits), onto an app whose state is set by its lifespan."""
+    """Routes, the error handler and the OpenAPI schema (with the running model's limits once
+    it is loaded) onto an app whose state is set by its lifespan."""
     app.include_router(router)
     app.include_router(openrlhf_router)
 
@@ -110,14 +120,16 @@ def add_http_api(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            spec = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                               description=app.description)
-            body = schema.ScoreRequest.model_json_schema(
-                ref_template="#/components/schemas/{model}")
-            components = spec.setdefault("components", {}).setdefault("schemas", {})
-            components.update(body.pop("$defs", {}))
-            components["ScoreRequest"] = body
-            app.openapi_schema = spec
-        return app.openapi_schema
+            app.openapi_schema = request_schemas(get_openapi(
+                title=app.title, version=app.version, routes=app.routes,
+                description=app.description))
+        state = getattr(app.state, "tokenrm", None)  # None: not started (no model loaded)
+        if state is None:
+            return app.openapi_schema
+        info = state.service.info()  # the model can be replaced while serving: not cached
+        return schema.with_limits(app.openapi_schema,
+                                  max_items=info.limits.max_items_per_request,
+                                  max_tokens=info.limits.max_tokens_per_item,
+                                  vocab_size=info.model.vocab_size)
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,22 +1,30 @@
 """What every HTTP route shares: the server state and key check as dependencies, JSON answers,
-bounded body reading and schema errors as domain errors."""
+bounded body reading, and parsing bodies with schema errors as domain errors."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Depends, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from tokenrm.server import http_schema as schema
 from tokenrm.server.errors import BadRequest, InvalidInput, PayloadTooLarge, ScoringError
 from tokenrm.server.http_errors import STATUS
 from tokenrm.server.state import ServerState
 
+M = TypeVar("M", bound=BaseModel)
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schema.ErrorResponse} for code in sorted(set(STATUS.values()) - {431})}
+# Errors of a route whose own answer is not JSON (GET /metrics): FastAPI would document them in
+# the route's media type, but error bodies are always JSON.
+JSON_ERRORS: dict[int | str, dict[str, Any]] = {code: {"content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for code in ERRORS}
 
 
 def json_response(content: object, status: int = 200,
@@ -50,9 +58,42 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def invalid(exc: ValidationError) -> ScoringError:
-    """The first schema error, naming the item and field where there is one."""
-    err = exc.errors(include_url=False)[0]
+def parse(model: type[M], body: bytes) -> M:
+    """`body` as a `model`, or the domain error naming the first thing wrong with it.
+
+    A JSON number with a zero fraction (60.0, 1e2) is an integer as JSON Schema (and so our
+    OpenAPI schema) has it; the fast parser takes only 60 for an int field, so a body it refuses
+    for such numbers alone is read again with them as ints (a slow path for a rare body)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    wrong = [e for e in errors if not _integral_float(e)]
+    if wrong:
+        raise invalid(wrong[0])
+    try:
+        value = json.loads(body)
+        for error in errors:
+            *path, last = error["loc"]
+            container = value
+            for key in path:
+                container = container[key]
+            container[last] = int(error["input"])
+    except (ValueError, LookupError, TypeError, RecursionError):  # read otherwise (dup keys)
+        raise invalid(errors[0]) from None
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise invalid(exc.errors(include_url=False)[0]) from None
+
+
+def _integral_float(error: ErrorDetails) -> bool:
+    value = error["input"]
+    return error["type"] == "int_type" and isinstance(value, float) and value.is_integer()
+
+
+def invalid(err: ErrorDetails) -> ScoringError:
+    """A schema error as a domain error, naming the item and field where there is one."""
     if err["type"] == "json_invalid":
         return BadRequest(f"the body is not valid JSON: {err['msg']}")
     loc = err["loc"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from tokenrm.core.queries import split_query
 from tokenrm.core.reductions import REDUCTIONS, reduce_rewards, token_summary
@@ -23,12 +22,20 @@ from tokenrm.server.service import ScoreAnswer, ScoreRequest
 
 router = APIRouter()
 
+# The body and ?reduction= are read by the route itself (a wrong value gets the usual error
+# body); OpenAPI is told what they may be.
+OPENAPI = {
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/GetRewardRequest"}}}},
+    "parameters": [{
+        "name": "reduction", "in": "query", "required": False,
+        "description": "how each response's token rewards become its one reward; default: "
+                       "TOKENRM_GET_REWARD_REDUCTION",
+        "schema": {"type": "string", "enum": list(REDUCTIONS)}}]}
+
 
 def request_from_json(body: bytes) -> ScoreRequest:
-    try:
-        parsed = schema.GetRewardRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise web.invalid(exc) from None
+    parsed = web.parse(schema.GetRewardRequest, body)
     if len(parsed.prompts) != len(parsed.query):
         raise InvalidInput(f"prompts: {len(parsed.prompts)} prompts for {len(parsed.query)} "
                            "queries; give one prompt per query", field="prompts")
@@ -55,11 +62,9 @@ def answer_json(answer: ScoreAnswer, reduction: str) -> Response:
 
 @router.post("/get_reward", response_model=schema.GetRewardResponse, responses=web.ERRORS,
              dependencies=[Depends(web.authorized)],
-             summary="OpenRLHF's remote reward: one reward per query",
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/GetRewardRequest"}}}}})
-async def get_reward(request: Request, state: web.State, reduction: str | None = None) -> Response:
-    how = reduction or state.settings.get_reward_reduction
+             summary="OpenRLHF's remote reward: one reward per query", openapi_extra=OPENAPI)
+async def get_reward(request: Request, state: web.State) -> Response:
+    how = request.query_params.get("reduction", state.settings.get_reward_reduction)
     if how not in REDUCTIONS:
         raise InvalidInput(f"reduction: {how!r} is not one of {', '.join(REDUCTIONS)}",
                            field="reduction")

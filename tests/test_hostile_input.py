@@ -1,15 +1,16 @@
 """Hostile input against a real `tokenrm serve` on 127.0.0.1, HTTP and gRPC, with small limits
 (8 items, 64 KiB bodies and messages) so that generated input reaches them: property-based
 fuzzing of POST /score and of the gRPC messages (hypothesis), cases generated from the server's
-own /openapi.json (schemathesis), then slow-loris clients and oversized headers while other
-callers score.
+own /openapi.json with every check of schemathesis (the server's answers match its schema, and
+the schema says what the server accepts), then slow-loris clients and oversized headers while
+other callers score.
 
 Every answer is 200 with well-formed results (one finite reward per response token) or a clear
 4xx / INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the field and the limit: never a 5xx,
 INTERNAL, UNKNOWN or a hang, and the server answers as before afterwards.
 
-About 5600 cases (HTTP 2100, gRPC 1500, schemathesis 1000); the file takes about 2 minutes on 2
-cores, half a minute of it training the tiny model. TOKENRM_FUZZ_EXAMPLES multiplies every
+About 5100 cases (HTTP 2100, gRPC 1500, schemathesis 1500); the file takes about 1.5 minutes
+on 2 cores, training the tiny model included. TOKENRM_FUZZ_EXAMPLES multiplies every
 example count, e.g. `TOKENRM_FUZZ_EXAMPLES=10 pytest tests/test_hostile_input.py` for a longer
 run. Generation is derandomized (the same cases on every run) and keeps no example database.
 """
@@ -17,6 +18,7 @@ run. Generation is derandomized (the same cases on every run) and keeps no examp
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -35,19 +37,13 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import requests
 import schemathesis
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    negative_data_rejection,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.checks import CHECKS, load_all_checks
+from schemathesis.engine import StopReason, from_schema
+from schemathesis.engine import events as st_events
 
 from tokenrm.proto import reward_pb2 as pb
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
@@ -154,6 +150,11 @@ def is_int(x: object) -> bool:
     return type(x) is int
 
 
+def number(x: object) -> object:
+    """A JSON number as the server reads it (a Raw one too: 1.0 and 1e2 are integers)."""
+    return json.loads(x.text) if isinstance(x, Raw) else x
+
+
 def assert_clear_http_error(r: httpx.Response) -> dict[str, Any]:
     """A 400, 413 or 422 whose JSON error says what is wrong and where; returns the error."""
     assert r.status_code in (400, 413, 422), (r.status_code, r.text[:2000])
@@ -196,7 +197,7 @@ def assert_well_formed_http(body: dict[str, Any], request: Any, vocab: int,
         if return_tokens:
             assert len(r["tokens"]) == n and all(isinstance(t, str) for t in r["tokens"]), r
         if item.get("prompt_ids") is not None or item.get("response_ids") is not None:
-            assert r["token_ids"] == item["response_ids"], (item, r)
+            assert r["token_ids"] == [number(t) for t in item["response_ids"]], (item, r)
             assert r["offsets"] is None and r["span_rewards"] is None, r
             continue
         if return_tokens:
@@ -459,6 +460,24 @@ def test_http_hostile_score_requests_get_results_or_a_clear_4xx(server: Target,
         assert outcomes["413 -"] > 0 and outcomes["400 -"] > 0, outcomes
         fields = {key.split()[1] for key in outcomes if key.startswith("422")}
         assert {"items", *FIELDS} <= fields, outcomes
+
+
+def test_http_numbers_with_a_zero_fraction_are_integers(http: httpx.Client) -> None:
+    """JSON Schema (and so /openapi.json) takes 7.0 and 1e1 for integers: so does the server;
+    7.5 is not one."""
+    ints = http.post("/score", json={"items": [
+        {"prompt_ids": [5, 6], "response_ids": [7, 10]},
+        {"prompt": "a", "response": "Ana lives", "spans": [[0, 3], [4, 9]]}]}).json()
+    floats = http.post("/score", content=b'{"items": [{"prompt_ids": [5.0, 6], "response_ids": '
+                       b'[7.0, 1e1]}, {"prompt": "a", "response": "Ana lives", "spans": '
+                       b'[[0.0, 3], [4, 9e0]]}]}', headers={"content-type": "application/json"})
+    assert floats.status_code == 200, floats.text
+    assert floats.json()["results"] == ints["results"]
+    r = http.post("/score", json={"items": [{"prompt_ids": [5.0], "response_ids": [7.5]}]})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {
+        "code": "invalid_input", "message": "items[0].response_ids[0]: Input should be a valid "
+        "integer", "item": 0, "field": "response_ids"}
 
 
 def _valid_body(size: int) -> bytes:
@@ -780,44 +799,166 @@ def test_grpc_stream_answers_hostile_requests_like_unary_calls(
 
 # ---------------------------------------------------------------- 3. schemathesis
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance, negative_data_rejection]
-SCHEMA_EXAMPLES = {"POST /score": 500, "POST /get_reward": 200}  # per generation mode; the
-# GET routes take no input
+ST_EXAMPLES = 400       # fuzzing cases per operation, besides its examples and coverage cases
+ST_KEYED_EXAMPLES = 40  # the same, in the run against a server with API keys
+API_KEY = "hostile-test-key"
+load_all_checks()
+ALL_CHECKS = {*CHECKS.get_all_names(), "max_response_time"}  # the latter: when given a limit
 
 
-def test_openapi_generated_cases_get_no_server_error(server: Target) -> None:
-    """Positive and negative cases for every operation of /openapi.json, with schemathesis's
-    checks: no 5xx, documented status codes, content types, headers and response schemas,
-    and schema-invalid input refused. (Not positive_data_acceptance: the schema of an item is
-    deliberately looser than the service's rule of which field combinations are valid.)"""
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
-    labels = {op.label for op in operations}
-    assert labels == {"GET /healthz", "GET /readyz", "GET /v1/model", "GET /metrics",
-                      "POST /score", "POST /get_reward"}, labels
-    outcomes: Outcomes = collections.Counter()
+def unstated_rules(max_tokens: int) -> Callable[[Any, schemathesis.Case], schemathesis.Case]:
+    """A `map_case` hook: a positive case made to keep the rules that JSON Schema cannot state
+    (and the server's schema describes in words), so that a refusal is a real mismatch.
 
-    def run(op: Any, mode: schemathesis.GenerationMode, session: requests.Session) -> None:
-        @fuzz(SCHEMA_EXAMPLES.get(op.label, 20))
-        @given(case=op.as_strategy(generation_mode=mode))
-        def check(case: schemathesis.Case) -> None:
-            response = case.call(base_url=server.url, session=session, timeout=TIMEOUT)
-            case.validate_response(response, checks=CHECKS)
-            outcomes[f"{op.label} {mode.value} {response.status_code}"] += 1
+    - spans: sorted, not overlapping, inside the response (relations between values): each
+      text item's spans become consecutive spans between the cut points drawn;
+    - a text response of at most max_tokens tokens (tokens, not characters): cut to
+      max_tokens // 4 characters (byte-level BPE: at most 4 tokens a character);
+    - /get_reward: a prompt per query, each query its prompt then a response of at least one
+      token (a relation between the two lists).
 
-        check()
+    Negative cases are left as drawn: they must break the schema, and be refused."""
+    chars = max_tokens // 4
 
-    with requests.Session() as session:
-        for op in operations:
-            run(op, schemathesis.GenerationMode.POSITIVE, session)
-            if op.label in SCHEMA_EXAMPLES:  # the others have no input to make invalid
-                run(op, schemathesis.GenerationMode.NEGATIVE, session)
-    report("schemathesis", outcomes)
-    score = sum(v for k, v in outcomes.items() if k.startswith("POST /score"))
-    assert score >= 0.8 * 2 * SCHEMA_EXAMPLES["POST /score"] * min(SCALE, 1), outcomes
+    def map_case(context: Any, case: schemathesis.Case) -> schemathesis.Case:
+        body: Any = case.body
+        if case.meta is None or not case.meta.generation.mode.is_positive or \
+                not isinstance(body, dict):
+            return case
+        if case.operation.label == "POST /score":
+            for item in body["items"]:
+                if isinstance(item.get("response"), str):
+                    item["response"] = item["response"][:chars]
+                    if item.get("spans"):
+                        n = len(item["response"])
+                        cuts = sorted({min(x, n) for span in item["spans"] for x in span})
+                        item["spans"] = [list(pair) for pair in itertools.pairwise(cuts)]
+        elif case.operation.label == "POST /get_reward":
+            queries = body["query"]
+            prompts = (body["prompts"] + [""] * len(queries))[:len(queries)]
+            body["prompts"] = prompts
+            body["query"] = [p + (q[:chars] or "x") for p, q in zip(prompts, queries, strict=True)]
+        return case
+
+    return map_case
+
+
+def schemathesis_config(examples: int, **extra: Any) -> schemathesis.Config:
+    """What `st run --checks all --max-response-time 10` does: every phase (examples, coverage,
+    fuzzing; stateful finds no links to follow here), positive and negative cases, every
+    check; derandomized, no example database."""
+    return schemathesis.Config.from_dict({
+        "workers": 1, "continue-on-failure": True, "request-timeout": TIMEOUT,
+        "checks": {"enabled": True, "max_response_time": TIMEOUT},
+        "phases": {"enabled": True},
+        "generation": {"max-examples": max(1, round(examples * SCALE)), "mode": "all",
+                       "deterministic": True, "database": "none"},
+        **extra})
+
+
+@dataclass
+class SchemathesisRun:
+    outcomes: Outcomes       # "phase operation mode status" -> cases
+    checks_run: set[str]     # names of the checks that ran
+    failures: list[str]
+    errors: list[str]        # the engine's own (a schema it could not use, a lost connection)
+
+
+def run_schemathesis(schema: Any, max_tokens: int) -> SchemathesisRun:
+    """Run schemathesis's engine (what `st run` runs) over `schema`; what it found."""
+    schema.hook("map_case")(unstated_rules(max_tokens))
+    run = SchemathesisRun(collections.Counter(), set(), [], [])
+    for event in from_schema(schema).execute():
+        if isinstance(event, st_events.ScenarioFinished):
+            recorder = event.recorder
+            for case_id, node in recorder.cases.items():
+                case, interaction = node.value, recorder.interactions.get(case_id)
+                mode = case.meta.generation.mode.value if case.meta else "-"
+                status = interaction.response.status_code \
+                    if interaction and interaction.response else "no answer"
+                run.outcomes[f"{event.phase.value} {recorder.label} {mode} {status}"] += 1
+                for check in recorder.checks.get(case_id, []):
+                    run.checks_run.add(check.name)
+                    if check.failure_info is not None:
+                        failure = check.failure_info.failure
+                        run.failures.append(f"{recorder.label} {check.name}: {failure.title}: "
+                                            f"{failure.message}\n  body {case.body!r:.500}\n  "
+                                            f"answer {status}")
+        elif isinstance(event, st_events.NonFatalError):
+            run.errors.append(f"{event.label}: {event.value!r}")
+        elif isinstance(event, st_events.FatalError):
+            run.errors.append(repr(event.exception))
+        elif isinstance(event, st_events.EngineFinished) and \
+                event.stop_reason != StopReason.COMPLETED:
+            run.errors.append(f"stopped: {event.stop_reason}")
+    return run
+
+
+def dangling_refs(spec: dict[str, Any]) -> set[str]:
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec)))
+    return refs - set(spec["components"]["schemas"])
+
+
+def assert_clean_run(run: SchemathesisRun, name: str) -> None:
+    report(name, run.outcomes)
+    assert not run.errors, run.errors
+    assert not run.failures, f"{len(run.failures)} failures:\n" + "\n".join(run.failures[:10])
+    assert run.checks_run == ALL_CHECKS, ALL_CHECKS - run.checks_run
+
+
+def test_schemathesis_with_all_checks_finds_nothing(server: Target) -> None:
+    """Every check of schemathesis, in every phase, over the server's own /openapi.json: no
+    5xx; documented statuses, content types, headers and bodies; every schema-valid request
+    accepted (positive_data_acceptance, with `unstated_rules`) and every schema-invalid one
+    refused (negative_data_rejection); unsupported methods get 405 with Allow; no answer
+    slower than TIMEOUT. The checks of stateful APIs (use_after_free,
+    ensure_resource_availability, object_level_authorization) run and have nothing to find:
+    no request here creates or deletes anything, or belongs to one caller. The auth checks:
+    the next test."""
+    spec = httpx.get(f"{server.url}/openapi.json", timeout=TIMEOUT).json()
+    assert not dangling_refs(spec), dangling_refs(spec)  # parts of it would go untested
+    schemas = spec["components"]["schemas"]  # this server's limits, as GET /v1/model tells them
+    assert schemas["ScoreRequest"]["properties"]["items"]["maxItems"] == MAX_ITEMS
+    ids = schemas["IdsItem"]["properties"]["response_ids"]
+    assert (ids["maxItems"], ids["items"]["maximum"]) == (server.max_tokens, server.vocab - 1)
+    run = run_schemathesis(schemathesis.openapi.from_dict(
+        spec, config=schemathesis_config(ST_EXAMPLES, **{"base-url": server.url})),
+        server.max_tokens)
+    assert_clean_run(run, "schemathesis")
+    cases = sum(run.outcomes.values())
+    assert cases >= 1000 * min(SCALE, 1), cases
+    if COVERAGE:  # scored, and refused, in each operation that takes input
+        for op in ("POST /score", "POST /get_reward"):
+            for mode, status in (("positive", 200), ("negative", 422), ("negative", 400)):
+                assert any(k.endswith(f"{op} {mode} {status}") for k in run.outcomes), \
+                    (op, mode, status, run.outcomes)
+
+
+def with_api_keys(spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema a server with TOKENRM_API_KEYS would publish, if it published one (it does
+    not, see app.py): every route but /healthz needs `Authorization: Bearer <key>`."""
+    spec = json.loads(json.dumps(spec))
+    spec["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+    spec["security"] = [{"apiKey": []}]
+    spec["paths"]["/healthz"]["get"]["security"] = []
+    return spec
+
+
+def test_schemathesis_with_all_checks_on_a_server_with_api_keys(server: Target,
+                                                                 tiny_checkpoint: Path) -> None:
+    """The same, against a server with an API key, its routes declared to need it: the auth
+    checks (ignored_auth: each route refuses a call without the key, or with a wrong one;
+    missing_required_header: 401 without it) have something to check too."""
+    spec = with_api_keys(httpx.get(f"{server.url}/openapi.json", timeout=TIMEOUT).json())
+    with serve(tiny_checkpoint, env={**LIMITS, "TOKENRM_API_KEYS": API_KEY}) as keyed:
+        config = schemathesis_config(ST_KEYED_EXAMPLES, **{"base-url": keyed.url, "auth": {
+            "openapi": {"apiKey": {"bearer": API_KEY}}}})
+        run = run_schemathesis(schemathesis.openapi.from_dict(spec, config=config),
+                               server.max_tokens)
+    assert_clean_run(run, "schemathesis with an API key")
     if COVERAGE:
-        assert any(k.startswith("POST /score positive 200") for k in outcomes), outcomes
+        assert any(k.endswith(" 401") for k in run.outcomes), run.outcomes
+        assert any(k.endswith("POST /score positive 200") for k in run.outcomes), run.outcomes
 
 
 # ---------------------------------------------------------------- 4. still serving
