@@ -294,7 +294,8 @@ def test_cli_with_a_missing_prompt_file_says_so_in_one_line(tmp_path: Path) -> N
     missing = tmp_path / "nowhere.jsonl"
     done = _cli("--out", str(tmp_path / "run"), "--prompt-file", str(missing))
     assert done.returncode == 2, done.stderr[-4000:]
-    assert done.stderr.strip() == f"tokenrm ppo: {missing}: no such prompt file"
+    assert done.stderr.strip() == \
+        f"tokenrm ppo: error: argument --prompt-file: {missing}: no such file"
     assert not (tmp_path / "run").exists()
 
 
