@@ -16,13 +16,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _directory(text: str) -> Path:
+def _existing(text: str, kind: str) -> Path:
+    """`text` as a path to an existing `kind` ("file" or "directory")."""
     path = Path(text)
     if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such directory")
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+        raise argparse.ArgumentTypeError(f"{text}: no such {kind}")
+    if not (path.is_dir() if kind == "directory" else path.is_file()):
+        raise argparse.ArgumentTypeError(f"{text}: not a {kind}")
     return path
+
+
+def _directory(text: str) -> Path:
+    return _existing(text, "directory")
 
 
 def checkpoint(text: str) -> Path:
@@ -44,12 +49,7 @@ def pairs_dir(text: str) -> Path:
 
 
 def existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: not a file")
-    return path
+    return _existing(text, "file")
 
 
 def out_dir(text: str) -> Path:
