@@ -69,6 +69,8 @@ def ray_options(args: argparse.Namespace) -> dict[str, Any]:
 def _serve(args: argparse.Namespace) -> None:
     from tokenrm.server.model import ModelLoadError
 
+    if args.print_config and not args.ray:
+        raise SystemExit("tokenrm serve: --print-config prints a Ray Serve config: add --ray")
     settings = _settings(args)
     try:
         if args.ray and args.print_config:

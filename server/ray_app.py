@@ -31,7 +31,7 @@ DEPLOYMENT = "tokenrm"
 
 
 class TokenRM:
-    """One replica (made a Ray Serve ingress deployment by `deployment`): HTTP comes through
+    """One replica (made a Ray Serve ingress deployment by `app`): HTTP comes through
     the ingress app; gRPC through the methods named as in the proto.
     A refused gRPC call sets its status and trailing metadata and returns (Ray Serve
     drops trailing metadata set before an exception)."""

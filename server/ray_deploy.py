@@ -84,9 +84,9 @@ def run(settings: Settings, options: dict[str, Any], address: str | None = None,
         signal.signal(sig, lambda *_: stop.set())
     try:
         _deploy(application(settings, options))
-        address = ray.get_runtime_context().gcs_address
+        gcs = ray.get_runtime_context().gcs_address
         log.info("on Ray at %s; change the checkpoint with: tokenrm ray-update --ray-address "
-                 "%s --model DIR", address, address)
+                 "%s --model DIR", gcs, gcs)
         stop.wait()
     finally:
         serve.shutdown()

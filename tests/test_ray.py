@@ -175,3 +175,11 @@ def test_the_printed_serve_config_is_what_ray_deploys(tiny_checkpoint: Path) -> 
     assert application.import_path == "tokenrm.server.ray_app:app"
     built = app(application.args)
     assert built._bound_deployment.user_config == deployment.user_config
+
+
+def test_print_config_without_ray_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenrm.cli.main import main
+
+    with pytest.raises(SystemExit, match="--print-config prints a Ray Serve config: add --ray"):
+        main(["serve", "--print-config"])
+    assert capsys.readouterr().out == ""  # nothing served, nothing printed
