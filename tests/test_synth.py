@@ -94,6 +94,21 @@ def test_sentence_said_twice_is_repeated_the_second_time(prompt: str) -> None:
     assert judge(prompt, response) == [_span(response, "Ana lives in Lima.", "repeated", 2)]
 
 
+@pytest.mark.parametrize(("response", "stutter"), [
+    ("Ana is 30 is 30 is 30 years old.", " is 30 is 30"),
+    ("Ana has a cat cat cat cat.", " cat cat cat"),
+    ("Ana lives in Lima in Lima.", " in Lima"),
+])
+def test_words_said_again_and_again_are_a_stutter(prompt: str, response: str,
+                                                  stutter: str) -> None:
+    """What a policy farming positive token rewards writes; the rest of the sentence is
+    judged as if the repeats were not there."""
+    start = response.rindex(stutter)  # the repeats, after the first saying
+    assert judge(prompt, response) == [ErrorSpan("stutter", start, start + len(stutter))]
+    assert judge(prompt, "Ana is 31 31 years old.") == [
+        ErrorSpan("stutter", 9, 12), ErrorSpan("wrong_fact", 7, 9)]
+
+
 def test_fact_about_somebody_else_is_off_topic(prompt: str) -> None:
     response = "Ana lives in Lima. Boris has a dog."
     assert judge(prompt, response) == [_span(response, "Boris has a dog.", "off_topic")]

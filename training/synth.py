@@ -7,6 +7,8 @@ one or more errors, each fixable by a minimal edit:
 - wrong_fact:  a city, job, pet or age that contradicts the prompt;
 - wrong_math:  the age in N years, added up wrongly;
 - rude:        a rude sentence;
+- stutter:     a few words of a sentence said again and again ("is 19 is 19 is 19"), the
+               degenerate text a policy farming positive token rewards writes;
 - repeated:    a sentence said a second time;
 - off_topic:   a true fact about somebody else.
 
@@ -55,12 +57,14 @@ TEMPLATES = {
 ATTRIBUTES = tuple(TEMPLATES)
 _VALUES = {"age": [str(a) for a in AGES], "city": CITIES, "job": JOBS, "pet": PETS}
 _FUTURE = "In {years} years {name} will be {value}."
-ERROR_KINDS = ("wrong_fact", "wrong_math", "rude", "repeated", "off_topic")
+ERROR_KINDS = ("wrong_fact", "wrong_math", "stutter", "rude", "repeated", "off_topic")
 # Each kind is tried this many times per response, each try applied with this probability.
 # Dense wrong facts matter: with few of them, a small model never learns to look values up.
-ERROR_TRIES = {"wrong_fact": 4, "wrong_math": 1, "rude": 1, "repeated": 1, "off_topic": 1}
-ERROR_RATES = {"wrong_fact": 0.5, "wrong_math": 0.3, "rude": 0.1, "repeated": 0.15,
-               "off_topic": 0.15}
+ERROR_TRIES = {"wrong_fact": 4, "wrong_math": 1, "stutter": 1, "rude": 1, "repeated": 1,
+               "off_topic": 1}
+ERROR_RATES = {"wrong_fact": 0.5, "wrong_math": 0.3, "stutter": 0.2, "rude": 0.1,
+               "repeated": 0.15, "off_topic": 0.15}
+MAX_STUTTER = 6  # extra copies of the stuttered words
 FUTURE_RATE = 0.6  # share of responses giving the age in some years, when they give the age
 
 
@@ -134,6 +138,8 @@ def _corrupt(rng: random.Random, sentences: list[_Sentence], kind: str, subject:
         s.fixed, s.text, s.error = s.text, s.text[:a] + wrong + s.text[b:], kind
         s.value = (a, a + len(wrong))
         return True
+    if kind == "stutter":
+        return _stutter(rng, [s for s in clean if s.value])
     if kind == "rude":
         new = _Sentence(rng.choice(RUDE), error=kind)
     elif kind == "off_topic":
@@ -148,6 +154,20 @@ def _corrupt(rng: random.Random, sentences: list[_Sentence], kind: str, subject:
         return True
     # Never first: the edit then only deletes the sentence and its leading space.
     sentences.insert(rng.randint(1, len(sentences)), new)
+    return True
+
+
+def _stutter(rng: random.Random, targets: list[_Sentence]) -> bool:
+    """Say a sentence's value (alone, or with the word before it) again, 1-MAX_STUTTER times."""
+    if not targets:
+        return False
+    s = rng.choice(targets)
+    assert s.value is not None
+    a, b = s.value
+    start = s.text.rindex(" ", 0, a - 1) if rng.random() < 0.7 else a - 1
+    extra = s.text[start:b] * rng.randint(1, MAX_STUTTER)
+    s.fixed, s.text, s.error = s.text, s.text[:b] + extra + s.text[b:], "stutter"
+    s.value = (b, b + len(extra))
     return True
 
 
@@ -201,6 +221,7 @@ _FUTURE_RE = re.compile(r"In (?P<years>\d+) years (?P<name>[A-Z][a-z]+) will be 
 _QUESTION_RE = re.compile("|".join(re.escape(q).replace(r"\{\}", f"(?P<s{i}>[A-Z][a-z]+)")
                                    for i, q in enumerate(QUESTIONS)))
 _SENTENCE_RE = re.compile(r"[^.!?\s][^.!?]*[.!?]?")
+_STUTTER_RE = re.compile(r"((?: \w+)+?)\1+\b")  # words said again right after themselves
 
 
 def parse_prompt(prompt: str) -> tuple[str, dict[str, dict[str, str]]]:
@@ -246,6 +267,10 @@ def judge(prompt: str, response: str) -> list[ErrorSpan]:
             errors.append(ErrorSpan("repeated", m.start(), m.start() + len(sentence)))
             continue
         seen.add(sentence)
+        if stutter := _STUTTER_RE.search(sentence):
+            a = stutter.start() + len(stutter.group(1))
+            errors.append(ErrorSpan("stutter", m.start() + a, m.start() + stutter.end()))
+            sentence = sentence[:a] + sentence[stutter.end():]
         if found := _check(sentence, subject, facts):
             kind, a, b = found
             errors.append(ErrorSpan(kind, m.start() + a, m.start() + b))
