@@ -27,12 +27,16 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _train_rm(args: argparse.Namespace) -> None:
+    from tokenrm.training.pairwise import train_pairwise_rm
     from tokenrm.training.presets import PRESETS
     from tokenrm.training.train import TrainOptions, train_rm
 
+    if args.objective == "pairwise" and args.grad_accum != 1:
+        raise SystemExit("tokenrm train-rm: --grad-accum is for --objective token")
     options = TrainOptions(seed=args.seed, threads=args.threads, grad_accum=args.grad_accum,
                            base=args.base)
-    trained = train_rm(args.data, args.out, PRESETS[args.preset], options)
+    train = train_rm if args.objective == "token" else train_pairwise_rm
+    trained = train(args.data, args.out, PRESETS[args.preset], options)
     print(json.dumps({"checkpoint": str(args.out), **trained.metrics["eval"]}, indent=2))
 
 
@@ -46,7 +50,7 @@ def _eval_rm(args: argparse.Namespace) -> None:
         model = RewardModel.load(args.model, trace=False)
     except ModelLoadError as exc:
         raise SystemExit(f"tokenrm eval-rm: {exc}") from None
-    print(json.dumps(evaluate(model.score_texts, pairs), indent=2))
+    print(json.dumps(evaluate(model.score_texts, pairs, model.info.kind == "token"), indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -69,11 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
 
-    p = sub.add_parser("train-rm", help="train a token reward model; writes a HF checkpoint")
+    p = sub.add_parser("train-rm", help="train a token (or sequence-level) reward model; writes "
+                                        "a HF checkpoint")
     p.add_argument("--data", type=pairs_dir, required=True,
                    help="directory with train/eval.jsonl")
     p.add_argument("--out", type=out_dir, required=True, help="checkpoint directory to write")
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
+    p.add_argument("--objective", choices=("token", "pairwise"), default="token",
+                   help="token (default): a reward per token from the edits' labels; pairwise: "
+                        "one score per response, Bradley-Terry on the pairs (standard RLHF's "
+                        "reward model)")
     p.add_argument("--base", type=checkpoint, help="a local HF checkpoint to start from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -74,8 +74,11 @@ ScoreTexts = Callable[[Sequence[tuple[str, str]]], list[Scored]]
 """Rewards of (prompt, response) items: a model in training, or a served checkpoint."""
 
 
-def evaluate(score: ScoreTexts, pairs: Sequence[Pair]) -> dict[str, float | int | None]:
-    """Score both responses of every pair and compute `metrics`."""
+def evaluate(score: ScoreTexts, pairs: Sequence[Pair], token_level: bool = True
+             ) -> dict[str, float | int | None]:
+    """Score both responses of every pair and compute `metrics`; for a sequence-level model
+    (`token_level` False: one score per response) only the pair count and pairwise accuracy."""
     rejected = score([(p.prompt, p.rejected) for p in pairs])
     edited = score([(p.prompt, p.edited) for p in pairs])
-    return metrics(pairs, rejected, edited)
+    found = metrics(pairs, rejected, edited)
+    return found if token_level else {k: found[k] for k in ("pairs", "pairwise_accuracy")}

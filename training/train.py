@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,7 @@ class Trained:
 class TrainOptions:
     seed: int = 0                 # model init, data order and dropout
     threads: int | None = None    # torch CPU threads; None: torch's default
+    deterministic: bool = True    # torch's deterministic algorithms (where it has them)
     grad_accum: int = 1           # optimiser step every this many batches
     base: Path | None = None      # a local HF checkpoint to start from instead of a fresh backbone
     progress: bool = True         # show the Trainer's progress bar
@@ -89,7 +91,7 @@ def make_examples(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max
     return examples, cut
 
 
-def _tokenizer(pairs: Sequence[Pair], preset: Preset, base: Path | None
+def tokenizer_for(pairs: Sequence[Pair], preset: Preset, base: Path | None
                ) -> PreTrainedTokenizerBase:
     if base is not None:
         return AutoTokenizer.from_pretrained(base)
@@ -111,17 +113,36 @@ def _args(out: Path, preset: Preset, options: TrainOptions) -> TrainingArguments
         dataloader_pin_memory=False)
 
 
+@contextlib.contextmanager
+def reproducible(seed: int, threads: int | None, deterministic: bool = True) -> Iterator[None]:
+    """Seeded, with `threads` torch threads (None: as they are) and torch's deterministic
+    algorithms; restored after. The thread count changes how float sums are split, so a fixed
+    one gives the same model on machines of the same kind."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    set_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
 def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     """Train on data/train.jsonl, keep the best epoch by loss on data/eval.jsonl, write `out`.
 
     The checkpoint directory gets the model, its tokenizer and metrics.json.
     """
+    with reproducible(options.seed, options.threads, options.deterministic):
+        return _train_rm(data, out, preset, options)
+
+
+def _train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     started = time.perf_counter()
-    set_seed(options.seed)
-    if options.threads:
-        torch.set_num_threads(options.threads)
     train_pairs, eval_pairs = load_pairs(data / "train.jsonl"), load_pairs(data / "eval.jsonl")
-    tokenizer = _tokenizer(train_pairs, preset, options.base)
+    tokenizer = tokenizer_for(train_pairs, preset, options.base)
     scratch = out / ".trainer"
     model = build_model(preset, tokenizer, options.base)
     max_len = model.config.tokenrm["max_len"]
