@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # strict: a link tree that static tools resolve; new files need a re-link, which these rules do.
 EDITABLE := --config-settings editable_mode=strict
-SOURCES := $(shell find cli client core demo integrations proto server training -name "*.py" -o -name py.typed -o -path "*/static/*" -o -path "demo/demo-token-rm/*" 2>/dev/null)
+SOURCES := $(shell find cli client core demo integrations proto server training -name "*.py" -o -name py.typed -o -path "*/static/*" -o -path "demo/demo-*/*" 2>/dev/null)
 
 .PHONY: install serve test lint demo clean proto
 
@@ -90,7 +90,7 @@ bench: install
 	$(PY) bench/get_reward_bench.py
 	$(PY) bench/ray_bench.py
 
-# Fine-grained vs sequence-level PPO over 3 seeds against a local demo server
+# Fine-grained vs sequence-level PPO (3 arms x 3 seeds) against local demo servers
 # The runs go to runs/fine-vs-seq/; the table, plot and numbers are copied to bench/results/.
 .PHONY: experiment
 experiment: install
@@ -98,6 +98,12 @@ experiment: install
 	$(VENV)/bin/tokenrm experiment fine-vs-seq --out runs/fine-vs-seq
 	cp runs/fine-vs-seq/fine-vs-seq.md runs/fine-vs-seq/fine-vs-seq.png bench/results/
 	cp runs/fine-vs-seq/results.json bench/results/fine-vs-seq.json
+
+# The demo recipe over 3 training seeds, judged on pairs of an unseen seed; seed 0 against the
+# shipped checkpoint's bytes (bench/results/demo-seeds.md). About 5 minutes per build.
+.PHONY: demo-seeds
+demo-seeds: install
+	$(PY) bench/demo_seeds.py
 
 # Load and soak: HTTP and gRPC together at twice the measured capacity for 60 s (bench/results/
 # soak.md); fails on a wrong reward, a 5xx, a hang past the deadline or growing server memory.

@@ -54,9 +54,19 @@ def test_a_weak_build_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     assert "trained poorly" in caplog.text
 
 
-def test_the_shipped_demo_belongs_to_the_current_recipe() -> None:
-    assert demo.shipped_recipe() == demo.recipe_key(PRESETS["demo"]), (
-        "the demo recipe changed: run `tokenrm demo --rebuild` and commit demo/demo-token-rm")
+def test_the_shipped_models_belong_to_the_current_recipe() -> None:
+    for name, key in demo.shipped_keys().items():
+        assert demo.shipped_recipe(name) == key, (
+            f"the recipe of {name} changed: run `tokenrm demo --rebuild` and commit demo/")
+
+
+def test_the_shipped_sequence_rm_and_policy_are_what_the_experiment_uses() -> None:
+    from tokenrm import demo as shipped
+
+    assert demo.demo_checkpoint(objective="pairwise") == shipped.checkpoint(shipped.SEQ_NAME)
+    assert demo.demo_policy() == shipped.checkpoint(shipped.POLICY_NAME)
+    token_rm, policy = demo.demo_checkpoint(), demo.demo_policy()
+    assert (policy / "tokenizer.json").read_text() == (token_rm / "tokenizer.json").read_text()
 
 
 def test_the_shipped_demo_meets_its_floors_on_pairs_of_an_unseen_seed() -> None:

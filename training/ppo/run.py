@@ -6,8 +6,6 @@ prompt source (and, optionally, a judge); a resumed run rebuilds what its config
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +14,10 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tokenrm.client import RewardClient, RewardClientError
-from tokenrm.training.demo import cached_build, default_cache_dir, demo_checkpoint
 from tokenrm.training.ppo.oracle import OracleJudge
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.prompts import SyntheticPrompts, describe_source, rebuild
 from tokenrm.training.ppo.rewards import RewardSource, Send
-from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
 from tokenrm.training.ppo.task import Judge, PromptSource
 from tokenrm.training.ppo.trainer import (
     CHECKPOINT,
@@ -35,14 +31,6 @@ from tokenrm.training.ppo.trainer import (
 
 class PPOError(Exception):
     """The run stopped; the message says why and what was kept."""
-
-
-def demo_policy(recipe: str = "demo", cache_dir: Path | None = None) -> Path:
-    """The SFT policy of `recipe`, built once on the demo reward model's tokenizer."""
-    rm = demo_checkpoint(cache_dir, "tiny" if recipe == "tiny" else "demo")
-    key = hashlib.sha256(json.dumps([SFT_RECIPES[recipe].to_dict(), rm.name]).encode())
-    return cached_build(cache_dir or default_cache_dir(), f"policy-{recipe}-{key.hexdigest()[:12]}",
-                        lambda out: train_sft(rm, SFT_RECIPES[recipe], out))
 
 
 @dataclass(frozen=True)
