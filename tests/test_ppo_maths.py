@@ -8,12 +8,13 @@ from torch.testing import assert_close
 
 from tokenrm.training.ppo.maths import (
     KLController,
+    RunningMoments,
     entropy,
     gae,
     kl_penalized,
     masked_mean,
+    on_last_token,
     policy_loss,
-    sequence_level,
     value_loss,
     whiten,
 )
@@ -37,11 +38,22 @@ def test_kl_penalized() -> None:
     assert_close(rewards, t([0.95, 0.6, 0.0]))
 
 
-def test_sequence_level_puts_the_total_on_the_last_real_token() -> None:
-    rm = t([1.0, 2.0, 3.0, 99.0], [0.5, 0.5, 7.0, 7.0], [5.0, 5.0, 5.0, 5.0], [1.0, 1.0, 1.0, 2.0])
+def test_on_last_token_puts_each_score_on_the_last_real_token() -> None:
+    scores = torch.tensor([6.0, 1.0, 20.0, 5.0])
     mask = t([1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1])
     expected = t([0.0, 0.0, 6.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0] * 4, [0.0, 0.0, 0.0, 5.0])
-    assert_close(sequence_level(rm, mask), expected)
+    assert_close(on_last_token(scores, mask), expected)
+
+
+def test_running_moments_normalise_by_everything_seen_so_far() -> None:
+    moments = RunningMoments()
+    first = moments.normalize(torch.tensor([1.0, 3.0]))      # mean 2, std 1
+    assert_close(first, torch.tensor([-1.0, 1.0]))
+    second = moments.normalize(torch.tensor([5.0, 7.0]))     # all four: mean 4, var 5
+    assert (moments.mean, moments.count) == (4.0, 4.0)
+    assert moments.var == pytest.approx(5.0)
+    assert_close(second, torch.tensor([1.0, 3.0]) / math.sqrt(5.0))
+    assert_close(RunningMoments().normalize(torch.tensor([2.0, 2.0])), torch.zeros(2))
 
 
 def test_gae_undiscounted_is_reward_to_go_minus_value() -> None:
@@ -196,7 +208,7 @@ def test_a_shape_mismatch_raises_naming_the_argument() -> None:
         masked_mean(torch.zeros(3), torch.ones(3))
     with pytest.raises(AssertionError, match="entropy: logits"):
         entropy(torch.zeros(1, 2, 8), mask)
-    with pytest.raises(AssertionError, match="sequence_level: rm"):
-        sequence_level(t([1.0, 2.0]), mask)
+    with pytest.raises(AssertionError, match="on_last_token: scores"):
+        on_last_token(torch.zeros(2), mask)
     with pytest.raises(AssertionError, match="whiten: x"):
         whiten(t([1.0, 2.0, 3.0, 4.0]), mask)

@@ -49,16 +49,40 @@ def kl_penalized(rm: torch.Tensor,              # (B, T) the RM's reward per tok
     return (rm - beta * kl) * mask, kl
 
 
-def sequence_level(rm: torch.Tensor,       # (B, T)
-                   mask: torch.Tensor,     # (B, T)
-                   ) -> torch.Tensor:      # (B, T)
-    """The traditional PPO reward: each row's total placed on its last real token."""
-    _same_shape("sequence_level", mask, rm=rm)
-    out = torch.zeros_like(rm)
+def on_last_token(scores: torch.Tensor,    # (B,) one score per row
+                  mask: torch.Tensor,      # (B, T)
+                  ) -> torch.Tensor:       # (B, T)
+    """The traditional PPO reward: each row's score placed on its last real token."""
+    assert scores.shape == mask.shape[:1], \
+        f"on_last_token: scores has shape {tuple(scores.shape)}, mask has {tuple(mask.shape)}"
+    out = torch.zeros_like(mask, dtype=scores.dtype)
     lengths = mask.sum(dim=1).long()                 # (B,)
     rows = torch.nonzero(lengths > 0).squeeze(1)     # (R,) rows with a real token
-    out[rows, lengths[rows] - 1] = (rm * mask).sum(dim=1)[rows]
+    out[rows, lengths[rows] - 1] = scores[rows]
     return out
+
+
+@dataclass
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far (Chan et al.'s parallel update),
+    to normalise sequence-level scores as TRL's PPO does with use_score_scaling and
+    use_score_norm: (score - mean) / std."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 0.0
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,)
+        """Update the moments with `scores`, then return them normalised."""
+        n = float(len(scores))
+        batch_mean, batch_var = float(scores.mean()), float(scores.var(unbiased=False))
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var = (self.var * self.count + batch_var * n
+                    + delta * delta * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+        return (scores - self.mean) / max(self.var, 1e-8) ** 0.5
 
 
 def gae(rewards: torch.Tensor,     # (B, T)

@@ -31,19 +31,24 @@ from tokenrm.training.ppo.task import Judge, PromptSource, Verdict
 log = logging.getLogger(__name__)
 
 Mode = Literal["fine", "seq"]
+STOPPED = "kl_budget"  # a log record's "stopped" when the run ended on its KL budget
 CHECKPOINT, LOG, CONFIG = "checkpoint", "log.jsonl", "config.json"
 
 
 @dataclass(frozen=True)
 class PPOConfig:
     mode: Mode = "fine"              # fine: a reward per token; seq: the total on the last token
+    score_norm: bool = True          # seq: scores normalised by their running mean and std
     iterations: int = 60
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 4
     generation_batch: int = 32       # rollouts generated (and sent for scoring) at once
     sampling: Sampling = field(default_factory=Sampling)
     beta: float = 0.05               # KL coefficient (the start value when adaptive)
-    kl_target: float | None = None   # per-sequence KL that an adaptive beta aims for
+    kl_target: float | None = 6.0    # per-sequence KL that an adaptive beta aims for; None: fixed
+    kl_horizon: int = 320            # rollouts over which beta may change by e^(+-0.2)
+    kl_budget: float | None = 15.0   # a policy past this KL per sequence is not kept: the run
+                                     # goes back to its last policy within it and stops
     gamma: float = 1.0
     lam: float = 0.95
     clip: float = 0.2                # policy ratio clip
@@ -89,8 +94,11 @@ class Trainer:
         self.policy, self.reference, self.rewards, self.config = policy, reference, rewards, config
         self.out, self.prompt_source, self.judge = out, prompts, judge
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
-        self.kl = maths.KLController(config.beta, config.kl_target)
+        self.kl = maths.KLController(config.beta, config.kl_target, config.kl_horizon)
+        self.scores = maths.RunningMoments()
         self.iteration = 0
+        self.within_budget: dict[str, torch.Tensor] | None = None  # the last such policy
+        self.stopped = False
 
     # --- rollouts ---------------------------------------------------------------------
 
@@ -140,16 +148,22 @@ class Trainer:
             old_logprobs, old_values, _ = response_outputs(self.policy, batch,
                                                            c.sampling.temperature)
             ref_logprobs, _, _ = response_outputs(self.reference, batch, c.sampling.temperature)
-        placed = rm if c.mode == "fine" else maths.sequence_level(rm, mask)
-        rewards, kl = maths.kl_penalized(placed, old_logprobs, ref_logprobs, mask, self.kl.beta)
+        rewards, kl = maths.kl_penalized(self._placed(rm, mask), old_logprobs, ref_logprobs,
+                                         mask, self.kl.beta)
+        kl_per_sequence = float(kl.sum(dim=1).mean())
+        over_budget = c.kl_budget is not None and kl_per_sequence > c.kl_budget
+        if not over_budget:  # the policy that sampled these rollouts is within the budget
+            self.within_budget = {k: v.detach().clone()
+                                  for k, v in self.policy.state_dict().items()}
         advantages, returns = maths.gae(rewards, old_values * mask, mask, c.gamma, c.lam)
         advantages = maths.whiten(advantages, mask)
         stats = self._epochs(batch, old_logprobs, old_values, advantages, returns)
-        kl_per_sequence = float(kl.sum(dim=1).mean())
         beta = self.kl.beta
         self.kl.update(kl_per_sequence, len(ro.responses))
         self.iteration += 1
-        return {
+        if over_budget:
+            self._stop()
+        return {**({"stopped": STOPPED} if self.stopped else {}),
             "iteration": self.iteration,
             "rollouts": self.iteration * c.rollouts_per_iteration,
             "rm_reward": float(np.mean([r.sum() for r in ro.rm])),
@@ -159,6 +173,26 @@ class Trainer:
             "reward_wait_share": ro.wait_s / ro.seconds,
             "update_s": time.perf_counter() - started,
         }
+
+    def _placed(self, rm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The rewards PPO sees: per token (fine), or each response's total on its last token
+        (seq; normalised by the running moments when config.score_norm)."""
+        if self.config.mode == "fine":
+            return rm
+        scores = (rm * mask).sum(dim=1)
+        return maths.on_last_token(self.scores.normalize(scores) if self.config.score_norm
+                                   else scores, mask)
+
+    def _stop(self) -> None:
+        """Past the KL budget: back to the last policy within it (the starting one if none), and
+        no more iterations."""
+        if self.within_budget is not None:
+            self.policy.load_state_dict(self.within_budget)
+        else:
+            self.policy.load_state_dict(self.reference.state_dict())
+        self.stopped = True
+        log.warning("iteration %d: KL per sequence past the budget of %s; the run keeps its last "
+                    "policy within it and stops", self.iteration, self.config.kl_budget)
 
     def _judged(self, ro: Rollouts) -> dict[str, float]:
         """The judge's verdicts on the rollouts (oracle_* fields); none without a judge."""
@@ -211,7 +245,9 @@ class Trainer:
         shutil.rmtree(staging, ignore_errors=True)
         self.policy.save(staging)
         torch.save({"optimizer": self.optimizer.state_dict(), "beta": self.kl.beta,
-                    "iteration": self.iteration}, staging / "trainer.pt")
+                    "iteration": self.iteration, "scores": asdict(self.scores),
+                    "stopped": self.stopped, "within_budget": self.within_budget},
+                   staging / "trainer.pt")
         old = self.out / f".{CHECKPOINT}-old"
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
@@ -223,12 +259,14 @@ class Trainer:
         state = torch.load(self.out / CHECKPOINT / "trainer.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl.beta, self.iteration = state["beta"], state["iteration"]
+        self.scores = maths.RunningMoments(**state["scores"])
+        self.stopped, self.within_budget = state["stopped"], state["within_budget"]
 
     def run(self, on_iteration: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Iterate up to config.iterations, logging each and checkpointing as configured."""
         c = self.config
         with (self.out / LOG).open("a") as log_file:
-            while self.iteration < c.iterations:
+            while self.iteration < c.iterations and not self.stopped:
                 try:
                     record = self.step()
                 except BaseException:  # keep every finished iteration, then stop
@@ -237,7 +275,8 @@ class Trainer:
                     raise
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                if self.iteration % c.save_every == 0 or self.iteration == c.iterations:
+                if (self.iteration % c.save_every == 0 or self.iteration == c.iterations
+                        or self.stopped):
                     self.save()
                 if on_iteration:
                     on_iteration(record)
