@@ -17,12 +17,15 @@ DEFAULT_SERVER = "grpc://127.0.0.1:50051"
 # Flag (argparse dest) -> the dataclass field it sets.
 CONFIG_FLAGS = {"mode": "mode", "iterations": "iterations", "prompts": "prompts_per_iteration",
                 "samples": "samples_per_prompt", "generation_batch": "generation_batch",
-                "beta": "beta", "kl_target": "kl_target", "lr": "lr", "epochs": "epochs",
+                "beta": "beta", "kl_target": "kl_target", "kl_horizon": "kl_horizon",
+                "kl_budget": "kl_budget", "lr": "lr", "epochs": "epochs",
                 "minibatch": "minibatch", "seed": "seed", "save_every": "save_every"}
 SAMPLING_FLAGS = {"temperature": "temperature", "top_p": "top_p",
                   "max_new_tokens": "max_new_tokens"}
 CONNECTION_FLAGS = {"send": "send", "timeout": "timeout_s"}
-EXPERIMENT_FLAGS = {"seeds": "seeds", "eval_every": "eval_every", "eval_prompts": "eval_prompts"}
+EXPERIMENT_FLAGS = {"seeds": "seeds", "arms": "arms", "eval_every": "eval_every",
+                    "eval_prompts": "eval_prompts"}
+OFF_AT_ZERO = ("kl_target", "kl_budget")  # 0 on the command line: the feature is off (None)
 
 
 def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
@@ -35,14 +38,17 @@ def _ppo_config(args: argparse.Namespace) -> Any:
     from tokenrm.training.ppo.rollout import Sampling
     from tokenrm.training.ppo.trainer import PPOConfig
 
-    return PPOConfig(sampling=Sampling(**_given(args, SAMPLING_FLAGS)),
-                     **_given(args, CONFIG_FLAGS))
+    given: dict[str, Any] = {k: None if k in OFF_AT_ZERO and v == 0 else v
+                             for k, v in _given(args, CONFIG_FLAGS).items()}
+    if getattr(args, "no_score_norm", False):
+        given["score_norm"] = False
+    return PPOConfig(sampling=Sampling(**_given(args, SAMPLING_FLAGS)), **given)
 
 
-def _connection(args: argparse.Namespace) -> Any:
+def _connection(args: argparse.Namespace, urls: list[str] | None = None) -> Any:
     from tokenrm.training.ppo.run import Connection
 
-    return Connection(args.server or [DEFAULT_SERVER], args.api_key,
+    return Connection(urls or args.server or [DEFAULT_SERVER], args.api_key,
                       **_given(args, CONNECTION_FLAGS))
 
 
@@ -60,7 +66,8 @@ def _task(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
 def _ppo(args: argparse.Namespace) -> None:
     import torch
 
-    from tokenrm.training.ppo.run import PPOError, demo_policy, run_ppo
+    from tokenrm.training.demo import demo_policy
+    from tokenrm.training.ppo.run import PPOError, run_ppo
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,22 +89,31 @@ def _experiment(args: argparse.Namespace) -> None:
 
     import torch
 
-    from tokenrm.training.ppo.experiment import Experiment, run_experiment
-    from tokenrm.training.ppo.run import demo_policy
+    from tokenrm.training.demo import Objective, demo_checkpoint, demo_policy
+    from tokenrm.training.ppo.experiment import ARMS, Experiment, run_experiment
 
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = args.policy or demo_policy(args.policy_recipe)
+    preset = "tiny" if args.policy_recipe == "tiny" else "demo"
+    exp = Experiment(_ppo_config(args), **_given(args, EXPERIMENT_FLAGS))
     with ExitStack() as stack:
-        if not args.server:  # a local server on the demo model, for this experiment only
-            from tokenrm.server.launcher import serve
-            from tokenrm.training.demo import demo_checkpoint
+        urls = {}
+        rms: tuple[tuple[Objective, list[str] | None], ...] = (
+            ("token", args.server), ("pairwise", args.seq_server))
+        for rm, given in rms:
+            if rm not in {ARMS[a].rm for a in exp.arms}:
+                continue
+            if given:
+                urls[rm] = given
+                continue
+            from tokenrm.server.launcher import serve  # a local demo server, for this run only
 
-            running = stack.enter_context(serve(demo_checkpoint(
-                preset_name="tiny" if args.policy_recipe == "tiny" else "demo")))
-            args.server = [f"grpc://{running.grpc_target}"]
-        exp = Experiment(_ppo_config(args), **_given(args, EXPERIMENT_FLAGS))
-        run_experiment(args.out, exp, _connection(args), policy)
+            running = stack.enter_context(serve(demo_checkpoint(preset_name=preset,
+                                                                objective=rm)))
+            urls[rm] = [f"grpc://{running.grpc_target}"]
+        run_experiment(args.out, exp, {rm: _connection(args, u) for rm, u in urls.items()},
+                       policy)
     print((args.out / "fine-vs-seq.md").read_text())
 
 
@@ -127,7 +143,15 @@ def _ppo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--beta", type=float, help="KL coefficient (start value)")
     p.add_argument("--kl-target", type=float,
-                   help="adapt beta towards this KL per response (default: beta fixed)")
+                   help="adapt beta towards this KL per response (default 6; 0: beta fixed)")
+    p.add_argument("--kl-horizon", type=int,
+                   help="rollouts over which beta may change by e^(+-0.2) (default 320)")
+    p.add_argument("--kl-budget", type=float,
+                   help="a policy past this KL per response is not kept: the run goes back to "
+                        "its last policy within it and stops (default 15; 0: no budget)")
+    p.add_argument("--no-score-norm", action="store_true",
+                   help="--mode seq: use the scores as they come (default: normalised by their "
+                        "running mean and std)")
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int, help="PPO epochs per iteration")
     p.add_argument("--minibatch", type=int, help="rollouts per optimiser step")
@@ -151,9 +175,16 @@ def add_ppo_commands(sub: Any) -> None:
     p.set_defaults(run=_ppo)
 
     p = sub.add_parser("experiment", help="fine-grained vs sequence-level PPO over seeds; "
-                                          "starts a local demo server unless --server is given")
+                                          "starts local demo servers unless --server and "
+                                          "--seq-server are given")
     p.add_argument("name", choices=("fine-vs-seq",))
     _ppo_arguments(p)
+    p.add_argument("--seq-server", action="append", metavar="URL",
+                   help="server of the sequence-level (Bradley-Terry) reward model (default: a "
+                        "local one on the demo's)")
+    p.add_argument("--arms", nargs="+", choices=("fine", "seq", "seq-total"),
+                   help="fine: the token RM per token; seq: the Bradley-Terry RM's score on the "
+                        "last token; seq-total: the token RM's total there (default: all)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--eval-every", type=int, help="iterations between evaluations")
     p.add_argument("--eval-prompts", type=int, help="held-out prompts judged")
