@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +29,10 @@ def make_transport(url: str, api_key: str | None, root_certificates: bytes | Non
     """http:// and https:// speak HTTP; grpc:// plaintext gRPC; grpcs:// gRPC over TLS."""
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
-        return HttpTransport(url, api_key)
+        verify: bool | ssl.SSLContext = True
+        if parts.scheme == "https" and root_certificates is not None:
+            verify = ssl.create_default_context(cadata=root_certificates.decode())
+        return HttpTransport(url, api_key, verify)
     if parts.scheme in ("grpc", "grpcs") and parts.netloc:
         credentials = grpc.ssl_channel_credentials(root_certificates) \
             if parts.scheme == "grpcs" else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,7 +19,8 @@ BUSY_STATUSES = {429}  # retried on the same endpoint; the others take it out of
 
 
 class HttpTransport:
-    def __init__(self, url: str, api_key: str | None, verify: bool | str = True) -> None:
+    def __init__(self, url: str, api_key: str | None, verify: bool | ssl.SSLContext = True
+                 ) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, verify=verify,
