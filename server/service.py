@@ -114,7 +114,8 @@ class RewardService:
         if remaining_s is None:
             return self.limits.request_timeout_s
         if remaining_s <= 0:
-            raise DeadlineExceeded("the call's deadline has passed")
+            raise DeadlineExceeded("the call's deadline has passed",
+                                   retry_after_s=self.engine.expected_wait_s())
         return min(self.limits.request_timeout_s, remaining_s)
 
     def _prepare_all(self, items: Sequence[ScoreItem]) -> list[Prepared]:
