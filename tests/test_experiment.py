@@ -1,5 +1,5 @@
-"""`tokenrm experiment fine-vs-seq`: the CI smoke of its three arms through the CLI (which builds the
-tiny demo models and starts their servers itself), the sequence-level reward model it compares
+"""`tokenrm experiment fine-vs-seq`: the CI smoke of its three arms through the CLI (which builds
+the tiny demo models and starts their servers itself), the sequence-level reward model it compares
 with, the KL budget that keeps a run from ending on a reward-hacked policy, and the report's
 statistics on hand-computed cases."""
 

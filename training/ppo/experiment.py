@@ -137,7 +137,7 @@ def run_experiment(out: Path, exp: Experiment, connections: Mapping[str, Connect
                 arm = ARMS[name]
                 config = replace(exp.ppo, mode=arm.mode, seed=seed, prompt_seed=100 + seed)
                 runs.append({"arm": name, **_one_run(
-                    out / f"{name}-seed{seed}", config, exp, judge,
+                    name, out / f"{name}-seed{seed}", config, exp, judge,
                     _source(clients[arm.rm], connections[arm.rm]), policy_dir)})
     finally:
         for client in clients.values():
@@ -161,7 +161,7 @@ def _source(client: RewardClient, c: Connection) -> Callable[[Policy], RewardSou
     return lambda policy: RewardSource(client, policy.tokenizer, c.send, c.timeout_s)
 
 
-def _one_run(out: Path, config: PPOConfig, exp: Experiment, judge: Judge,
+def _one_run(arm: str, out: Path, config: PPOConfig, exp: Experiment, judge: Judge,
              rewards: Callable[[Policy], RewardSource], policy_dir: Path) -> dict[str, Any]:
     trainer = open_run(out, config, policy_dir, rewards, resume=False,
                        prompts=SyntheticPrompts(config.prompt_seed), judge=OracleJudge())
@@ -170,7 +170,7 @@ def _one_run(out: Path, config: PPOConfig, exp: Experiment, judge: Judge,
 
     def evaluate(record: dict[str, Any]) -> None:
         history.append(record)
-        log.info("%s seed %d iteration %d: %s", config.mode, config.seed, record["iteration"],
+        log.info("%s seed %d iteration %d: %s", arm, config.seed, record["iteration"],
                  describe(record))
         if (record["iteration"] % exp.eval_every == 0 or "stopped" in record
                 or record["iteration"] == config.iterations):
