@@ -127,9 +127,12 @@ def _comparisons(runs: dict[str, list[dict[str, Any]]], kl_star: float) -> list[
         at = 100 * float(np.mean([at_kl(f["curve"], kl_star) - at_kl(s["curve"], kl_star)
                                   for f, s in zip(runs["fine"], runs[other], strict=True)]))
         out.append(f"- Fine-grained minus {ARMS[other].name}: {gain:+.1f} points at the final "
-                   f"checkpoints (95% interval {lo:+.1f} to {hi:+.1f}), {at:+.1f} at equal KL."
-                   + (f" The paper reports +{PAPER_GAIN} over its sequence-level baseline: "
-                      f"{_verdict(gain, lo, hi)} here." if other == "seq" else ""))
+                   f"checkpoints (95% interval {lo:+.1f} to {hi:+.1f}), {at:+.1f} at equal KL. "
+                   + (f"The paper reports +{PAPER_GAIN} over its sequence-level baseline: "
+                      f"{_verdict(gain, lo, hi)} here." if other == "seq" else
+                      "The same reward model with coarse credit: "
+                      + ("no difference this experiment can tell apart from noise." if lo <= 0 <= hi
+                         else f"per-token credit {'helps' if gain > 0 else 'hurts'} here.")))
     return out
 
 
