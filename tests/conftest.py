@@ -13,6 +13,8 @@ import pytest
 from tokenrm.proto import reward_pb2_grpc as pb_grpc
 from tokenrm.training import synth
 from tokenrm.training.data import write_pairs
+from tokenrm.training.pairwise import train_pairwise_rm
+from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
 from tokenrm.training.presets import PRESETS
 from tokenrm.training.tokenizer import train_tokenizer
 from tokenrm.training.train import Trained, TrainOptions, train_rm
@@ -67,3 +69,19 @@ def channel(server) -> Iterator[grpc.Channel]:  # `server`: the requesting modul
 @pytest.fixture(scope="module")
 def stub(channel: grpc.Channel) -> pb_grpc.RewardServiceStub:
     return pb_grpc.RewardServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def pairwise_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sequence-level (Bradley-Terry) reward model on the same pairs as `tiny_checkpoint`."""
+    out = tmp_path_factory.mktemp("pairwise") / "rm"
+    train_pairwise_rm(data_dir, out, PRESETS["tiny"], TrainOptions(seed=0, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SFT policy on the tiny reward model's tokenizer (trains in seconds)."""
+    out = tmp_path_factory.mktemp("sft") / "policy"
+    train_sft(tiny_checkpoint, SFT_RECIPES["tiny"], out)
+    return out

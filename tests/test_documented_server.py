@@ -37,9 +37,6 @@ from tokenrm.server.launcher import Running, free_port, serve, start, stop
 from tokenrm.server.live import load_model, serving
 from tokenrm.server.model import RewardModel
 from tokenrm.server.settings import Settings
-from tokenrm.training.pairwise import train_pairwise_rm
-from tokenrm.training.presets import PRESETS
-from tokenrm.training.train import TrainOptions
 
 TIMEOUT = 30.0          # one request; only catches a hang
 START_TIMEOUT = 180.0   # a server process to become ready (the machine may be shared)
@@ -166,17 +163,10 @@ def test_a_503_deadline_exceeded_carries_retry_after(expiring: Running) -> None:
 # ---------------------------------------------------------------- 5. a sequence-classification RM
 
 
-@pytest.fixture(scope="module")
-def sequence_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sequence") / "seq-rm"
-    train_pairwise_rm(data_dir, out, PRESETS["tiny"], TrainOptions(seed=0, progress=False))
-    return out
-
-
-def test_a_sequence_checkpoint_is_served_with_its_score_on_the_last_token(
-        sequence_checkpoint: Path) -> None:
-    model = AutoModelForSequenceClassification.from_pretrained(sequence_checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(sequence_checkpoint)
+def test_a_pairwise_checkpoint_is_served_with_its_score_on_the_last_token(
+        pairwise_checkpoint: Path) -> None:
+    model = AutoModelForSequenceClassification.from_pretrained(pairwise_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(pairwise_checkpoint)
     text = encode(tokenizer, PROMPT, RESPONSE)
     rows = [(text.input_ids, len(text.response_ids)),
             (TOKEN_ITEM["prompt_ids"] + TOKEN_ITEM["response_ids"], 5),
@@ -186,7 +176,7 @@ def test_a_sequence_checkpoint_is_served_with_its_score_on_the_last_token(
     items = [{"prompt": PROMPT, "response": RESPONSE}, TOKEN_ITEM,
              {"prompt_ids": [5, 6, 7], "response_ids": [40]}]
 
-    with _serving(sequence_checkpoint, {}) as server, \
+    with _serving(pairwise_checkpoint, {}) as server, \
             grpc.insecure_channel(server.grpc_target) as channel:
         info = httpx.get(f"{server.url}/v1/model", timeout=TIMEOUT).json()
         r = httpx.post(f"{server.url}/score", json={"items": items}, timeout=TIMEOUT)

@@ -21,16 +21,12 @@ import torch
 from tokenrm.server.launcher import Running, serve
 from tokenrm.server.model import RewardModel
 from tokenrm.training.data import load_pairs
-from tokenrm.training.pairwise import train_pairwise_rm
 from tokenrm.training.ppo.experiment import ARMS
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.report import at_kl, equal_kl, interval
 from tokenrm.training.ppo.rollout import Sampling
 from tokenrm.training.ppo.run import Connection, run_ppo
-from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
 from tokenrm.training.ppo.trainer import CHECKPOINT, LOG, STOPPED, PPOConfig
-from tokenrm.training.presets import PRESETS
-from tokenrm.training.train import TrainOptions
 
 TIMEOUT = 300.0  # generous: the machine may be busy with other work
 SMALL = PPOConfig(iterations=2, prompts_per_iteration=4, samples_per_prompt=2, generation_batch=4,
@@ -71,13 +67,6 @@ def test_the_cli_runs_every_arm_and_reports_them(tmp_path: Path) -> None:
     assert built == ["policy-tiny", "tiny", "tiny-pairwise"], built
 
 
-@pytest.fixture(scope="module")
-def pairwise_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pairwise") / "rm"
-    train_pairwise_rm(data_dir, out, PRESETS["tiny"], TrainOptions(seed=0, progress=False))
-    return out
-
-
 def test_a_pairwise_rm_is_served_with_one_score_on_the_last_token(
         pairwise_checkpoint: Path, data_dir: Path) -> None:
     metrics = json.loads((pairwise_checkpoint / "metrics.json").read_text())
@@ -105,13 +94,6 @@ def test_eval_rm_reports_pairwise_accuracy_alone_for_a_sequence_model(
 def server(tiny_checkpoint: Path) -> Iterator[Running]:
     with serve(tiny_checkpoint) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "policy"
-    train_sft(tiny_checkpoint, SFT_RECIPES["tiny"], out)
-    return out
 
 
 def _weights(policy: Policy) -> list[torch.Tensor]:

@@ -38,7 +38,6 @@ from tokenrm.training.ppo.prompts import FilePrompts, SyntheticPrompts
 from tokenrm.training.ppo.rewards import RewardSource, Send
 from tokenrm.training.ppo.rollout import Sampling
 from tokenrm.training.ppo.run import Connection, PPOError, run_ppo
-from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
 from tokenrm.training.ppo.trainer import (
     CHECKPOINT,
     CONFIG,
@@ -107,14 +106,6 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = TIMEOUT) -> Non
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny SFT policy on the tiny reward model's tokenizer (trains in seconds)."""
-    out = tmp_path_factory.mktemp("sft") / "policy"
-    train_sft(tiny_checkpoint, SFT_RECIPES["tiny"], out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from tokenrm.training.ppo.policy import Policy, new_lm
 from tokenrm.training.ppo.rewards import RewardSource
 from tokenrm.training.ppo.rollout import Batch, Sampling, response_outputs
 from tokenrm.training.ppo.run import Connection, run_ppo
-from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
 from tokenrm.training.ppo.trainer import LOG, PPOConfig, Trainer
 
 T = 0.7  # a sampling temperature other than 1, so that a missing scale shows
@@ -238,13 +237,6 @@ def test_one_step_takes_the_gradient_of_the_losses_computed_by_hand(
 
 
 # ---------------------------------------------------------------- 4. --mode seq, adaptive beta
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "policy"
-    train_sft(tiny_checkpoint, SFT_RECIPES["tiny"], out)
-    return out
 
 
 @pytest.fixture(scope="module")

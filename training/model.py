@@ -1,11 +1,14 @@
-"""The token reward model: a token-classification head with labels negative, neutral, positive."""
+"""The reward models' networks: a Llama-style backbone with a token-classification head (labels
+negative, neutral, positive) or a one-score sequence head (the Bradley-Terry RM)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from transformers import (
     AutoConfig,
+    AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     LlamaConfig,
     PreTrainedModel,
@@ -19,6 +22,11 @@ from tokenrm.training.presets import Preset
 ID2LABEL = dict(enumerate(LABEL_NAMES))
 LABELS = {"num_labels": len(LABEL_NAMES), "id2label": ID2LABEL,
           "label2id": {v: k for k, v in ID2LABEL.items()}}
+SCORE_LABEL = {"num_labels": 1, "id2label": {0: "score"}, "label2id": {"score": 0}}
+Head = Literal["token", "sequence"]
+HEADS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "token": (AutoModelForTokenClassification, LABELS),
+    "sequence": (AutoModelForSequenceClassification, SCORE_LABEL)}
 
 
 def backbone_config(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -33,19 +41,24 @@ def backbone_config(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> Llama
 
 
 def build_model(preset: Preset, tokenizer: PreTrainedTokenizerBase,
-                base: str | Path | None = None) -> PreTrainedModel:
-    """A fresh backbone sized by `preset`, or a local HF checkpoint as the base, with a 3-label
-    token-classification head."""
+                base: str | Path | None = None, head: Head = "token") -> PreTrainedModel:
+    """A fresh backbone sized by `preset`, or a local HF checkpoint as the base, with a head:
+    "token", 3 labels per token; "sequence", one score per sequence (HF pools it at the last
+    token that is not padding)."""
+    auto, labels = HEADS[head]
     if base is not None:
-        config = AutoConfig.from_pretrained(base, **LABELS)
-        model = AutoModelForTokenClassification.from_pretrained(base, config=config)
+        config = AutoConfig.from_pretrained(base, **labels)
+        if head == "sequence":
+            config.pad_token_id = tokenizer.pad_token_id
+        model = auto.from_pretrained(base, config=config)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:
         config = backbone_config(preset, tokenizer)
-        config.update(LABELS)
-        model = AutoModelForTokenClassification.from_config(config)
+        config.update(labels)
+        model = auto.from_config(config)
     # Our metadata lives under one key of config.json.
-    model.config.tokenrm = {"reward": POS_MINUS_NEG,
-                            "max_len": min(preset.max_len, config.max_position_embeddings)}
+    max_len = min(preset.max_len, config.max_position_embeddings)
+    model.config.tokenrm = ({"reward": POS_MINUS_NEG, "max_len": max_len} if head == "token"
+                            else {"max_len": max_len})
     return model

@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch.nn import functional
 from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     get_cosine_schedule_with_warmup,
@@ -28,31 +26,12 @@ from transformers import (
 from tokenrm.core.encoding import encode, fit
 from tokenrm.core.scoring import padded_batch
 from tokenrm.training.data import Pair, load_pairs
-from tokenrm.training.model import backbone_config
+from tokenrm.training.model import build_model
 from tokenrm.training.presets import Preset
-from tokenrm.training.train import Trained, TrainOptions, reproducible, tokenizer_for
+from tokenrm.training.train import Trained, TrainOptions, seeded, tokenizer_for
 
 log = logging.getLogger(__name__)
-SCORE_LABEL = {"num_labels": 1, "id2label": {0: "score"}, "label2id": {"score": 0}}
 EVAL_BATCH = 64  # pairs per forward pass when evaluating
-
-
-def build_pairwise_model(preset: Preset, tokenizer: PreTrainedTokenizerBase,
-                         base: Path | None = None) -> PreTrainedModel:
-    """A fresh backbone sized by `preset` (or a local HF checkpoint) with a one-score head that
-    HF pools at the last token that is not padding."""
-    if base is not None:
-        config = AutoConfig.from_pretrained(base, **SCORE_LABEL)
-        config.pad_token_id = tokenizer.pad_token_id
-        model = AutoModelForSequenceClassification.from_pretrained(base, config=config)
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
-    else:
-        config = backbone_config(preset, tokenizer)
-        config.update(SCORE_LABEL)
-        model = AutoModelForSequenceClassification.from_config(config)
-    model.config.tokenrm = {"max_len": min(preset.max_len, config.max_position_embeddings)}
-    return model
 
 
 def pair_rows(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_len: int
@@ -92,18 +71,14 @@ def evaluate_pairs(model: PreTrainedModel, rows: Sequence[tuple[list[int], list[
     return {"loss": float(pairwise_loss(got)), "pairwise_accuracy": float((got > 0).float().mean())}
 
 
+@seeded
 def train_pairwise_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     """Train on data/train.jsonl with the preset's budget (its epochs, sequences per step and
     learning rate schedule), keep the best epoch by loss on data/eval.jsonl, write `out`."""
-    with reproducible(options.seed, options.threads, options.deterministic):
-        return _train(data, out, preset, options)
-
-
-def _train(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     started = time.perf_counter()
     train_pairs, eval_pairs = load_pairs(data / "train.jsonl"), load_pairs(data / "eval.jsonl")
     tokenizer = tokenizer_for(train_pairs, preset, options.base)
-    model = build_pairwise_model(preset, tokenizer, options.base)
+    model = build_model(preset, tokenizer, options.base, head="sequence")
     pad_id = tokenizer.pad_token_id
     max_len = model.config.tokenrm["max_len"]
     train_rows = pair_rows(tokenizer, train_pairs, max_len)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -130,16 +131,25 @@ def reproducible(seed: int, threads: int | None, deterministic: bool = True) -> 
         torch.use_deterministic_algorithms(before[1])
 
 
+TrainFunction = Callable[[Path, Path, Preset, TrainOptions], Trained]
+
+
+def seeded(train: TrainFunction) -> TrainFunction:
+    """`train(data, out, preset, options)` run under `reproducible` with the options' seed,
+    threads and determinism."""
+    @functools.wraps(train)
+    def run(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
+        with reproducible(options.seed, options.threads, options.deterministic):
+            return train(data, out, preset, options)
+    return run
+
+
+@seeded
 def train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     """Train on data/train.jsonl, keep the best epoch by loss on data/eval.jsonl, write `out`.
 
     The checkpoint directory gets the model, its tokenizer and metrics.json.
     """
-    with reproducible(options.seed, options.threads, options.deterministic):
-        return _train_rm(data, out, preset, options)
-
-
-def _train_rm(data: Path, out: Path, preset: Preset, options: TrainOptions) -> Trained:
     started = time.perf_counter()
     train_pairs, eval_pairs = load_pairs(data / "train.jsonl"), load_pairs(data / "eval.jsonl")
     tokenizer = tokenizer_for(train_pairs, preset, options.base)
