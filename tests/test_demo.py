@@ -13,9 +13,9 @@ def test_built_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     builds = []
     real_build = demo.build_checkpoint
 
-    def counting_build(out: Path, preset, progress: bool = True) -> None:
+    def counting_build(out: Path, preset, progress: bool = True, **options: object) -> None:
         builds.append(out)
-        real_build(out, preset, progress=False)
+        real_build(out, preset, False, **options)
 
     monkeypatch.setattr(demo, "build_checkpoint", counting_build)
     first = demo.demo_checkpoint(tmp_path, "tiny")
@@ -26,7 +26,7 @@ def test_built_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing_build(out: Path, preset, progress: bool = True) -> None:
+    def failing_build(out: Path, preset, progress: bool = True, **options: object) -> None:
         (out / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 

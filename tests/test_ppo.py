@@ -38,14 +38,8 @@ from tokenrm.training.ppo.prompts import FilePrompts, SyntheticPrompts
 from tokenrm.training.ppo.rewards import RewardSource, Send
 from tokenrm.training.ppo.rollout import Sampling
 from tokenrm.training.ppo.run import Connection, PPOError, run_ppo
-from tokenrm.training.ppo.trainer import (
-    CHECKPOINT,
-    CONFIG,
-    LOG,
-    PPOConfig,
-    open_run,
-    trim_log,
-)
+from tokenrm.training.ppo.run_dir import open_run, trim_log
+from tokenrm.training.ppo.trainer import CHECKPOINT, CONFIG, LOG, PPOConfig
 from tokenrm.training.tokenizer import train_tokenizer
 
 TIMEOUT = 120.0  # generous: the machine may be busy with other work

@@ -31,7 +31,8 @@ from tokenrm.training.ppo.prompts import SyntheticPrompts
 from tokenrm.training.ppo.rewards import RewardSource
 from tokenrm.training.ppo.rollout import Batch, Sampling, response_outputs, sample
 from tokenrm.training.ppo.run import Connection, describe
-from tokenrm.training.ppo.trainer import Mode, PPOConfig, open_run
+from tokenrm.training.ppo.run_dir import open_run
+from tokenrm.training.ppo.trainer import Mode, PPOConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,9 @@ from tokenrm.training.ppo.oracle import OracleJudge
 from tokenrm.training.ppo.policy import Policy
 from tokenrm.training.ppo.prompts import SyntheticPrompts, describe_source, rebuild
 from tokenrm.training.ppo.rewards import RewardSource, Send
+from tokenrm.training.ppo.run_dir import open_run, stored_config
 from tokenrm.training.ppo.task import Judge, PromptSource
-from tokenrm.training.ppo.trainer import (
-    CHECKPOINT,
-    LOG,
-    PPOConfig,
-    Trainer,
-    open_run,
-    stored_config,
-)
+from tokenrm.training.ppo.trainer import CHECKPOINT, LOG, PPOConfig, Trainer
 
 
 class PPOError(Exception):
