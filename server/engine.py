@@ -23,7 +23,7 @@ from tokenrm.server.batching import padded_tokens, pick_batch
 from tokenrm.server.errors import DeadlineExceeded, Overloaded, Unavailable
 from tokenrm.server.metrics import EngineMetrics
 from tokenrm.server.model import RewardModel
-from tokenrm.server.speed import Lateness, Speed
+from tokenrm.server.speed import Speed
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,6 @@ class ScoringEngine:
         self._accepting = False
         self.speed = Speed(limits.workers, limits.overhead_tokens, limits.max_batch_size,
                            limits.max_batch_tokens)
-        self.lateness = Lateness()
 
     async def __aenter__(self) -> ScoringEngine:
         self._loop_task = asyncio.create_task(self._run(), name="tokenrm-batcher")
@@ -141,14 +140,9 @@ class ScoringEngine:
         return sum(not w.gone for w in self._waiting)
 
     def expected_wait_s(self) -> float:
-        """About how long until the work queued and running now is scored: the speed model's
-        prediction times how late work has really been finishing against it here (see
-        speed.Lateness). 0 until measured."""
-        return self._predicted_wait_s() * self.lateness.factor
-
-    def _predicted_wait_s(self) -> float:
-        """The work queued and running now: its tokens plus each batch's fixed cost, at the
-        measured speed of the forward threads."""
+        """About how long until the work queued and running now is scored: its tokens plus
+        each batch's fixed cost, at the measured speed of the forward threads. 0 until
+        measured."""
         ahead = [w for batch in self._running.values() for w in batch]  # counted whole
         return self.speed.seconds([len(w.row.input_ids) for w in ahead + self._waiting
                                    if not w.gone])
@@ -181,23 +175,17 @@ class ScoringEngine:
                              f"{self.limits.max_queue_items})",
                              retry_after_s=self.expected_wait_s())
         request = _Request(asyncio.get_running_loop().create_future(), len(rows))
-        queued_at = time.monotonic()
-        predicted_s = self._predicted_wait_s() + self.speed.seconds([len(r.input_ids)
-                                                                     for r in rows])
-        self._waiting.extend(_Waiting(r, request, i, queued_at + timeout_s)
-                             for i, r in enumerate(rows))
+        deadline = time.monotonic() + timeout_s
+        self._waiting.extend(_Waiting(r, request, i, deadline) for i, r in enumerate(rows))
         self.metrics.queue_depth.set(len(self._waiting))
         self._wake.set()
         try:
-            rewards = await asyncio.wait_for(request.future, timeout_s)
-        except (TimeoutError, asyncio.TimeoutError, DeadlineExceeded):  # the first two are
-            self.lateness.observe(predicted_s, timeout_s)  # distinct before Python 3.11
+            return await asyncio.wait_for(request.future, timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             raise DeadlineExceeded(f"not scored within {timeout_s:g} s",
                                    retry_after_s=self.expected_wait_s()) from None
         finally:
             request.future.cancel()  # a caller that went away: its rows are skipped
-        self.lateness.observe(predicted_s, time.monotonic() - queued_at)
-        return rewards
 
     async def _run(self) -> None:
         free = asyncio.Semaphore(self.limits.workers)
@@ -266,7 +254,8 @@ class ScoringEngine:
             if w.gone:
                 continue  # the caller went away, timed out or already failed
             if now > w.deadline:
-                w.request.fail(DeadlineExceeded("deadline passed while queued"))
+                w.request.fail(DeadlineExceeded("deadline passed while queued",
+                                                retry_after_s=self.expected_wait_s()))
                 continue
             live.append(w)
         chosen = set(pick_batch([len(w.row.input_ids) for w in live],
