@@ -152,7 +152,7 @@ class Trainer:
                                          mask, self.kl.beta)
         kl_per_sequence = float(kl.sum(dim=1).mean())
         over_budget = c.kl_budget is not None and kl_per_sequence > c.kl_budget
-        if not over_budget:  # the policy that sampled these rollouts is within the budget
+        if c.kl_budget is not None and not over_budget:  # its sampler is within the budget
             self.within_budget = {k: v.detach().clone()
                                   for k, v in self.policy.state_dict().items()}
         advantages, returns = maths.gae(rewards, old_values * mask, mask, c.gamma, c.lam)
