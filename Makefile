@@ -110,3 +110,27 @@ demo-seeds: install
 .PHONY: soak
 soak: install
 	$(PY) bench/soak.py
+
+# ------------------------------------------------------------------------------ the container
+# The image of the Dockerfile, built and run for real (README.md, "Docker"). There is no Docker
+# daemon or registry here: debootstrap makes a Debian base (once per machine, kept in buildah's
+# storage), buildah builds the Dockerfile on it with this machine's pip settings passed in
+# without entering a layer, and scripts/test_container.py runs the image and checks it.
+# Heavy steps run at nice 19. apt-get update only when the package lists lack the tools.
+.PHONY: container-tools container-base container test-container
+# Debian's docker-compose (1.29) validates docker-compose.yml against its schema; no daemon needed.
+CONTAINER_TOOLS := buildah debootstrap docker-compose
+container-tools:
+	@(for tool in $(CONTAINER_TOOLS); do command -v $$tool >/dev/null || exit 1; done) || { \
+		$(APT) install -y --no-install-recommends $(CONTAINER_TOOLS) || { \
+		$(APT) update && $(APT) install -y --no-install-recommends $(CONTAINER_TOOLS); }; }
+
+container-base: container-tools | $(PY)
+	$(PY) scripts/container_image.py base
+
+container: container-base
+	$(PY) scripts/container_image.py build
+
+test-container: container install
+	nice -n 19 $(PY) scripts/test_container.py
+# ------------------------------------------------------------------------- end of the container
