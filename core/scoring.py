@@ -51,6 +51,14 @@ def row_rewards(model: PreTrainedModel, rows: Sequence[Sequence[int]], pad_id: i
     return token_rewards(out, model.config.id2label).cpu().numpy().astype(np.float32)
 
 
+def on_last_token(reward: float, n: int) -> np.ndarray:
+    """A sequence reward as `n` token rewards: all on the last token, zeros before it."""
+    out = np.zeros(n, dtype=np.float32)
+    if n:
+        out[-1] = reward
+    return out
+
+
 def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 items: Sequence[tuple[str, str]], max_len: int, batch_size: int = 64
                 ) -> list[Scored]:

@@ -106,7 +106,7 @@ class Limits(_message.Message):
     def __init__(self, max_items_per_request: _Optional[int] = ..., max_tokens_per_item: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "labels", "reward_rule", "tokenizer", "vocab_size", "max_len", "dtype", "device", "limits", "tokenizer_sha256", "version")
+    __slots__ = ("name", "kind", "labels", "reward_rule", "tokenizer", "vocab_size", "max_len", "dtype", "device", "limits", "tokenizer_sha256", "version", "dtype_delta", "prefix_reuse")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,8 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_REUSE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -131,4 +133,6 @@ class ModelInfo(_message.Message):
     limits: Limits
     tokenizer_sha256: str
     version: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., reward_rule: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., tokenizer_sha256: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    dtype_delta: float
+    prefix_reuse: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., reward_rule: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., tokenizer_sha256: _Optional[str] = ..., version: _Optional[str] = ..., dtype_delta: _Optional[float] = ..., prefix_reuse: _Optional[bool] = ...) -> None: ...

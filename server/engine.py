@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenrm.server.batching import padded_tokens, pick_batch
+from tokenrm.server.batching import padded_tokens, pick_batch, pick_shared_batch, plan_reuse
 from tokenrm.server.errors import DeadlineExceeded, Overloaded, Unavailable
 from tokenrm.server.metrics import EngineMetrics
 from tokenrm.server.model import RewardModel
@@ -62,6 +62,7 @@ class _Waiting:
     request: _Request
     index: int                            # of the row in its request
     deadline: float                       # time.monotonic() after which it is not computed
+    prompt: int                           # a hash of its prompt ids: rows alike may batch
     queued_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -78,6 +79,7 @@ class EngineLimits:
     max_queue_items: int
     workers: int = 1                      # forward passes at once, each on its own thread
     overhead_tokens: float = math.inf     # a forward's fixed cost in tokens (see pick_batch)
+    prefix_reuse: bool = False            # the model can compute a shared prompt once
 
 
 # A request is refused when the queue ahead of it would take more than this share of its time.
@@ -175,8 +177,12 @@ class ScoringEngine:
                              f"{self.limits.max_queue_items})",
                              retry_after_s=self.expected_wait_s())
         request = _Request(asyncio.get_running_loop().create_future(), len(rows))
+        reuse = self.limits.prefix_reuse
         deadline = time.monotonic() + timeout_s
-        self._waiting.extend(_Waiting(r, request, i, deadline) for i, r in enumerate(rows))
+        self._waiting.extend(
+            _Waiting(r, request, i, deadline,
+                     hash(tuple(r.input_ids[:len(r.input_ids) - r.n_response])) if reuse else 0)
+            for i, r in enumerate(rows))
         self.metrics.queue_depth.set(len(self._waiting))
         self._wake.set()
         try:
@@ -211,10 +217,11 @@ class ScoringEngine:
     async def _compute(self, batch: list[_Waiting]) -> None:
         """One forward pass; whatever goes wrong fails this batch's callers, not the loop."""
         started_at = time.monotonic()
+        rows = [(w.row.input_ids, w.row.n_response) for w in batch]
+        plan = plan_reuse(rows, self.limits.overhead_tokens) if self.limits.prefix_reuse else None
         try:
             rewards = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.model.score,
-                [(w.row.input_ids, w.row.n_response) for w in batch])
+                self._executor, self.model.score, rows, plan)
             if len(rewards) != len(batch):
                 raise RuntimeError(f"the model returned {len(rewards)} results for "
                                    f"{len(batch)} rows")
@@ -227,7 +234,7 @@ class ScoringEngine:
         padded = padded_tokens(lengths)
         self.speed.observe(started_at, padded, busy=len(self._running) > 1 or self.queued > 0)
         self.metrics.observe_batch(len(batch), sum(lengths), padded,
-                                   time.monotonic() - started_at)
+                                   time.monotonic() - started_at, plan.saved if plan else 0)
         for w, r in zip(batch, rewards, strict=True):
             if not w.gone:
                 w.request.deliver(w.index, r)
@@ -258,9 +265,13 @@ class ScoringEngine:
                                                 retry_after_s=self.expected_wait_s()))
                 continue
             live.append(w)
-        chosen = set(pick_batch([len(w.row.input_ids) for w in live],
-                                self.limits.max_batch_tokens, self.limits.max_batch_size,
-                                self.limits.overhead_tokens))
+        lengths = [len(w.row.input_ids) for w in live]
+        shared = (pick_shared_batch([w.prompt for w in live], lengths,
+                                    self.limits.max_batch_tokens, self.limits.max_batch_size)
+                  if self.limits.prefix_reuse else None)
+        chosen = set(shared if shared is not None else pick_batch(
+            lengths, self.limits.max_batch_tokens, self.limits.max_batch_size,
+            self.limits.overhead_tokens))
         batch = [w for i, w in enumerate(live) if i in chosen]
         self._waiting = [w for i, w in enumerate(live) if i not in chosen]
         self.metrics.queue_depth.set(self.queued)

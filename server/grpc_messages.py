@@ -58,7 +58,8 @@ def info_to_proto(info: ServiceInfo) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=m.name, kind=m.kind, labels=m.labels, reward_rule=m.reward_rule,
         tokenizer=m.tokenizer, tokenizer_sha256=m.tokenizer_sha256, vocab_size=m.vocab_size,
-        max_len=m.max_len, dtype=m.dtype, device=m.device, version=m.version,
+        max_len=m.max_len, dtype=m.dtype, dtype_delta=m.dtype_delta, device=m.device,
+        version=m.version, prefix_reuse=m.prefix_reuse,
         limits=pb.Limits(max_items_per_request=limits.max_items_per_request,
                          max_tokens_per_item=limits.max_tokens_per_item,
                          max_message_bytes=limits.max_message_bytes,

@@ -159,8 +159,11 @@ class ModelInfoResponse(BaseModel):
                                   "ids: callers with the same one can send token ids")
     vocab_size: int
     max_len: int
-    dtype: str
+    dtype: str = Field(description="what serves: float32, bfloat16, float16 or int8")
+    dtype_delta: float | None = Field(description="max |reward - float32's| measured on probe "
+                                      "batches at start-up; null when not checked")
     device: str
+    prefix_reuse: bool = Field(description="rows that share their prompt compute it once")
     limits: Limits
 
 

@@ -46,8 +46,10 @@ def load_model(settings: Settings) -> RewardModel:
     _workers, threads = settings.parallelism(available_cores())
     torch.set_num_threads(threads)
     return RewardModel.load(settings.model, name=settings.model_name, device=settings.device,
-                            dtype=settings.dtype, trace=settings.trace,
-                            version=settings.model_version)
+                            dtype=settings.dtype,
+                            trace=settings.trace if settings.trace is not None
+                            else settings.device == "cpu",
+                            version=settings.model_version, prefix_reuse=settings.prefix_reuse)
 
 
 @asynccontextmanager
@@ -60,7 +62,8 @@ async def serving(settings: Settings, model: RewardModel) -> AsyncIterator[Serve
         overhead = await asyncio.to_thread(overhead_tokens, model)
         log.info("a forward pass costs about %.0f tokens of compute beyond its tokens", overhead)
     engine_limits = EngineLimits(settings.max_batch_tokens, settings.max_batch_size,
-                                 settings.max_wait_ms, settings.max_queue_items, workers, overhead)
+                                 settings.max_wait_ms, settings.max_queue_items, workers, overhead,
+                                 model.info.prefix_reuse)
     limits = Limits(
         max_items_per_request=settings.max_items_per_request,
         max_tokens_per_item=min(settings.max_tokens_per_item or model.info.max_len,

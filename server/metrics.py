@@ -29,16 +29,21 @@ class EngineMetrics:
                               registry=r)
         self.padded_tokens = Counter("tokenrm_padded_tokens",
                                      "Tokens computed, padding included", registry=r)
+        self.prompt_tokens_reused = Counter(
+            "tokenrm_prompt_tokens_reused", "Prompt tokens computed once for several rows of a "
+            "batch that share the prompt, counted for each row after the first", registry=r)
         self.refused = Counter("tokenrm_refused", "Requests refused because the queue was full",
                                registry=r)
 
-    def observe_batch(self, rows: int, tokens: int, padded: int, seconds: float) -> None:
+    def observe_batch(self, rows: int, tokens: int, padded: int, seconds: float,
+                      reused: int = 0) -> None:
         self.batch_size.observe(rows)
         self.batch_tokens.observe(tokens)
         self.padding_ratio.observe(padded / max(tokens, 1))
         self.forward_seconds.observe(seconds)
         self.tokens.inc(tokens)
         self.padded_tokens.inc(padded)
+        self.prompt_tokens_reused.inc(reused)
 
 
 class RequestMetrics:

@@ -23,12 +23,16 @@ from transformers.utils import logging as hf_logging
 
 from tokenrm.core.encoding import Encoded, encode, fit
 from tokenrm.core.reward_rule import POS_MINUS_NEG
-from tokenrm.core.scoring import Logits, Scored, row_rewards
+from tokenrm.core.scoring import Logits, Scored, on_last_token, row_rewards
 from tokenrm.core.tokenizer import fingerprint
+from tokenrm.server.batching import ReusePlan
+from tokenrm.server.precision import TOLERANCE, choose
+from tokenrm.server.prefix import TOLERANCE as PREFIX_TOLERANCE
+from tokenrm.server.prefix import prefix_rewards
+from tokenrm.server.prefix import verify as verify_prefix
 from tokenrm.server.torchscript import traced_logits
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RULES = {1: "logit", 2: "p_positive", 3: POS_MINUS_NEG}
 
 
@@ -46,9 +50,11 @@ class ModelInfo:
     vocab_size: int
     tokenizer: str
     tokenizer_sha256: str     # see training.tokenizer.fingerprint
-    dtype: str
+    dtype: str                # what serves: float32, bfloat16, float16 or int8
+    dtype_delta: float | None  # max |reward - float32's| on probe batches when verified
     device: str
     traced: bool              # the forward runs as a verified TorchScript trace
+    prefix_reuse: bool        # rows that share a prompt may compute it once (verified)
     version: str              # given, or checkpoint_version(path)
 
 
@@ -81,6 +87,36 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _read_checkpoint(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
+    """The float32 model, its tokenizer, and whether its head is a sequence head."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
+    if config.num_labels not in RULES:
+        raise ModelLoadError(f"{path}: a reward head has 1, 2 or 3 labels, not "
+                             f"{config.num_labels}")
+    sequence = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    auto = AutoModelForSequenceClassification if sequence else AutoModelForTokenClassification
+    try:
+        with _quiet_transformers():
+            model, loading = auto.from_pretrained(path, dtype=torch.float32,
+                                                  output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # any failure here (safetensors, config, tokenizer) means the same
+        raise ModelLoadError(f"{path}: cannot load the checkpoint: {exc}") from exc
+    untrained = sorted({str(k if isinstance(k, str) else k[0])
+                        for k in [*loading["missing_keys"], *loading["mismatched_keys"]]})
+    if untrained:  # transformers would fill them with random values: garbage rewards
+        raise ModelLoadError(
+            f"{path}: the checkpoint has no trained weights for {', '.join(untrained[:4])}"
+            f"{' ...' if len(untrained) > 4 else ''}; a base or policy model is not a reward "
+            "model (it needs its trained token- or sequence-classification head)")
+    return model, tokenizer, sequence
+
+
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -105,61 +141,51 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: Path, name: str | None = None, device: str = "cpu",
-             dtype: str = "float32", trace: bool = True, version: str | None = None
-             ) -> RewardModel:
-        """Load a token- or sequence-classification checkpoint directory; fail loudly. With
-        `trace`, the forward runs as a TorchScript trace if it reproduces the eager model."""
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path}: not a checkpoint directory (no config.json)")
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
-        num_labels = config.num_labels
-        if num_labels not in RULES:
-            raise ModelLoadError(f"{path}: a reward head has 1, 2 or 3 labels, not {num_labels}")
-        sequence = any(a.endswith("ForSequenceClassification")
-                       for a in (config.architectures or []))
-        auto = AutoModelForSequenceClassification if sequence else AutoModelForTokenClassification
-        try:
-            with _quiet_transformers():
-                model, loading = auto.from_pretrained(path, dtype=DTYPES[dtype],
-                                                      output_loading_info=True)
-                tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:  # any failure here (safetensors, config, tokenizer) means the same
-            raise ModelLoadError(f"{path}: cannot load the checkpoint: {exc}") from exc
-        untrained = sorted({str(k if isinstance(k, str) else k[0])
-                            for k in [*loading["missing_keys"], *loading["mismatched_keys"]]})
-        if untrained:  # transformers would fill them with random values: garbage rewards
-            raise ModelLoadError(
-                f"{path}: the checkpoint has no trained weights for {', '.join(untrained[:4])}"
-                f"{' ...' if len(untrained) > 4 else ''}; a base or policy model is not a reward "
-                "model (it needs its trained token- or sequence-classification head)")
+             dtype: str = "float32", trace: bool = True, version: str | None = None,
+             prefix_reuse: bool = True) -> RewardModel:
+        """Load a token- or sequence-classification checkpoint directory; fail loudly. `dtype`:
+        see server/precision.py ("auto": bf16 where native and verified). With `trace`, the
+        forward runs as a TorchScript trace if it reproduces the eager model; with
+        `prefix_reuse`, rows that share a prompt may compute it once if that reproduces the
+        full forward (server/prefix.py)."""
+        if dtype == "int8" and device != "cpu":
+            raise ModelLoadError(f"dtype int8 (dynamic quantization) runs on the CPU, not {device}")
+        model, tokenizer, sequence = _read_checkpoint(path)
         model = model.to(device).eval()
         if sequence:  # HF pools a sequence head at the last token that is not the pad id
             model.config.pad_token_id = pad_id(tokenizer)
         vocab_size = model.get_input_embeddings().num_embeddings
+        model, precision = choose(model, dtype, device, pad_id(tokenizer), vocab_size)
+        reuse = prefix_reuse and verify_prefix(
+            model, pad_id(tokenizer), vocab_size,
+            PREFIX_TOLERANCE if precision.dtype == "float32" else TOLERANCE)
         with _quiet_transformers():  # tracing reads every attribute, loss_function's too
             logits = traced_logits(model, pad_id(tokenizer), vocab_size) if trace else None
+        num_labels = model.config.num_labels
         info = ModelInfo(
             name=name or path.name, kind="sequence" if sequence else "token",
             labels=tuple(str(model.config.id2label[i]) for i in range(num_labels)),
             reward_rule=RULES[num_labels], max_len=_max_len(model.config, tokenizer),
             vocab_size=vocab_size, tokenizer=type(tokenizer).__name__,
-            tokenizer_sha256=fingerprint(tokenizer), dtype=dtype,
-            device=device, traced=logits is not None,
-            version=version or checkpoint_version(path))
+            tokenizer_sha256=fingerprint(tokenizer), dtype=precision.dtype,
+            dtype_delta=precision.delta, device=device, traced=logits is not None,
+            prefix_reuse=reuse, version=version or checkpoint_version(path))
         return cls(model, tokenizer, info, logits)
 
     def encode(self, prompt: str, response: str) -> Encoded:
         return encode(self.tokenizer, prompt, response)
 
-    def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
-        """Rewards of the last `n` tokens of each row (input_ids, n), in one forward pass."""
+    def score(self, rows: Sequence[tuple[Sequence[int], int]], reuse: ReusePlan | None = None
+              ) -> list[np.ndarray]:
+        """Rewards of the last `n` tokens of each row (input_ids, n): in one forward pass, or
+        with `reuse` (and the model verified for it) each distinct prompt computed once, as
+        the plan says (batching.plan_reuse)."""
+        if reuse is not None and self.info.prefix_reuse:
+            return prefix_rewards(self.model, rows, self._pad_id, reuse)
         rewards = row_rewards(self.model, [ids for ids, _ in rows], self._pad_id, self._logits)
         if self.info.kind == "sequence":
-            return [self._on_last_token(float(r), n) for r, (_, n) in zip(rewards, rows,
-                                                                           strict=True)]
+            return [on_last_token(float(r), n) for r, (_, n) in zip(rewards, rows,
+                                                                    strict=True)]
         return [rewards[i, len(row) - n:len(row)].copy() for i, (row, n) in enumerate(rows)]
 
     def score_texts(self, items: Sequence[tuple[str, str]], batch_size: int = 64
@@ -172,11 +198,4 @@ class RewardModel:
             rewards = self.score([(p + r, len(r)) for p, r, _ in fitted])
             out += [Scored(rw, e.offsets[:len(r)], r)
                     for e, (_, r, _), rw in zip(chunk, fitted, rewards, strict=True)]
-        return out
-
-    @staticmethod
-    def _on_last_token(reward: float, n: int) -> np.ndarray:
-        out = np.zeros(n, dtype=np.float32)
-        if n:
-            out[-1] = reward
         return out

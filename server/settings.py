@@ -32,14 +32,24 @@ class Settings(BaseSettings):
     grace_s: float = Field(10.0, ge=0, description="on SIGTERM: how long in-flight work may finish")
 
     device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
+        "auto", description="auto: bfloat16 where the device runs it natively (CUDA with bf16, "
+        "a CPU with avx512_bf16 or AMX) and its rewards are within 0.02 of float32's on probe "
+        "batches, else float32; int8: dynamic quantization of the Linear layers (CPU), with "
+        "the same check; float32/bfloat16/float16 are used as given")
+    prefix_reuse: bool = Field(
+        True, description="rows that share their prompt compute it once (a causal model's KV "
+        "cache), where that reproduces the full forward (checked at load)")
     workers: int | None = Field(
         None, ge=1, description="forward passes at once, each on its own thread; unset: 2 on a "
         "CPU with 2+ cores (the Python between kernels overlaps), 1 on an accelerator")
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads per forward pass; unset: the cores / workers")
-    trace: bool = Field(True, description="run the forward as a TorchScript trace when it "
-                                          "reproduces the eager model (checked at load)")
+    trace: bool | None = Field(
+        None, description="run the forward as a TorchScript trace when it reproduces the "
+        "eager model (checked at load); unset: on the CPU, where it was measured to help (the "
+        "eager forward's Python waits for the GIL beside a busy event loop), not on an "
+        "accelerator, where it was not measured")
 
     def parallelism(self, cores: int) -> tuple[int, int]:
         """(workers, torch threads per worker) for a machine with `cores` CPU cores."""

@@ -1,8 +1,14 @@
 """Shared fixtures: a tokenizer and a tiny trained checkpoint, built once per session; a gRPC
-channel and stub to the `server` fixture of the module that asks for them."""
+channel and stub to the `server` fixture of the module that asks for them.
+
+Servers in the tests (in process and the `tokenrm serve` processes they start) serve float32:
+the tests compare rewards with float32 forwards at 1e-5, on every machine alike, whether or not
+its CPU runs bf16 natively. dtype auto has its own tests (test_precision.py), which ask for it.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +24,8 @@ from tokenrm.training.ppo.sft import SFT_RECIPES, train_sft
 from tokenrm.training.presets import PRESETS
 from tokenrm.training.tokenizer import train_tokenizer
 from tokenrm.training.train import Trained, TrainOptions, train_rm
+
+os.environ["TOKENRM_DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")

@@ -122,13 +122,16 @@ def test_workers_threads_and_trace_from_the_environment_reach_the_engine(
 
     before = torch.get_num_threads()
     try:
-        for n_workers, n_threads, trace in ((3, 1, "false"), (1, 2, "true")):
+        for n_workers, n_threads, trace in ((3, 1, "false"), (1, 2, "true"), (2, 1, None)):
             monkeypatch.setenv("TOKENRM_WORKERS", str(n_workers))
             monkeypatch.setenv("TOKENRM_THREADS", str(n_threads))
-            monkeypatch.setenv("TOKENRM_TRACE", trace)
+            if trace is None:  # unset: traced on the CPU
+                monkeypatch.delenv("TOKENRM_TRACE")
+            else:
+                monkeypatch.setenv("TOKENRM_TRACE", trace)
             settings = Settings()
             model = load_model(settings)
-            assert model.info.traced is (trace == "true")
+            assert model.info.traced is (trace != "false")
             assert torch.get_num_threads() == torch_threads_on_a_new_thread() == n_threads
             assert asyncio.run(workers(settings, model)) == n_workers
     finally:

@@ -46,7 +46,8 @@ class FakeModel:
     def release(self) -> None:
         self.gate.set()
 
-    def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
+    def score(self, rows: Sequence[tuple[Sequence[int], int]], reuse: object = None
+              ) -> list[np.ndarray]:
         batch = [(tuple(ids), n) for ids, n in rows]
         self.batches.append(batch)
         try:
@@ -177,9 +178,10 @@ def test_call_over_queue_limit_is_refused_at_once_with_retry_hint() -> None:
 class SlowModel(FakeModel):
     """Takes 1 ms per padded token, like a model whose speed the engine can measure."""
 
-    def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
+    def score(self, rows: Sequence[tuple[Sequence[int], int]], reuse: object = None
+              ) -> list[np.ndarray]:
         time.sleep(0.001 * padded_tokens([len(ids) for ids, _ in rows]))
-        return super().score(rows)
+        return super().score(rows, reuse)
 
 
 def test_work_that_cannot_finish_before_its_deadline_is_refused_at_once() -> None:
@@ -420,8 +422,9 @@ def test_tokens_metric_counts_real_tokens_of_every_batch() -> None:
 class ShortModel(FakeModel):
     """Returns one reward too few for a batch of several rows: a broken model contract."""
 
-    def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
-        rewards = super().score(rows)
+    def score(self, rows: Sequence[tuple[Sequence[int], int]], reuse: object = None
+              ) -> list[np.ndarray]:
+        rewards = super().score(rows, reuse)
         return rewards[:-1] if len(rows) > 1 else rewards
 
 
