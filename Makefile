@@ -82,12 +82,16 @@ docker-lint: | $(PY)
 
 # HTTP and gRPC throughput and latency beside the raw forward and a naive server
 # (bench/results/serve.md; serve-1item.md: one item per request); POST /get_reward as OpenRLHF
-# calls it, beside OpenRLHF's example server pattern (get_reward.md).
+# calls it, beside OpenRLHF's example server pattern (get_reward.md); a trainer's rollout on a
+# 26M-parameter RM (rlhf.md: prefix reuse, dtypes), then serve_bench on that model at float32
+# (rm-26m/serve.md; its floors are the demo model's).
 .PHONY: bench
 bench: install
 	$(PY) bench/serve_bench.py
 	$(PY) bench/serve_bench.py --items-per-request 1
 	$(PY) bench/get_reward_bench.py
+	$(PY) bench/rlhf_bench.py
+	TOKENRM_DTYPE=float32 $(PY) bench/serve_bench.py --model runs/bench/rm-26m --out bench/results/rm-26m
 	$(PY) bench/ray_bench.py
 
 # Fine-grained vs sequence-level PPO (3 arms x 3 seeds) against local demo servers
