@@ -218,10 +218,15 @@ class ScoringEngine:
         """One forward pass; whatever goes wrong fails this batch's callers, not the loop."""
         started_at = time.monotonic()
         rows = [(w.row.input_ids, w.row.n_response) for w in batch]
-        plan = plan_reuse(rows, self.limits.overhead_tokens) if self.limits.prefix_reuse else None
+
+        def forward() -> tuple[list[np.ndarray], int]:  # planned on the worker thread too
+            plan = (plan_reuse(rows, self.limits.overhead_tokens) if self.limits.prefix_reuse
+                    else None)
+            return self.model.score(rows, plan), plan.saved if plan else 0
+
         try:
-            rewards = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.model.score, rows, plan)
+            rewards, reused = await asyncio.get_running_loop().run_in_executor(
+                self._executor, forward)
             if len(rewards) != len(batch):
                 raise RuntimeError(f"the model returned {len(rewards)} results for "
                                    f"{len(batch)} rows")
@@ -234,7 +239,7 @@ class ScoringEngine:
         padded = padded_tokens(lengths)
         self.speed.observe(started_at, padded, busy=len(self._running) > 1 or self.queued > 0)
         self.metrics.observe_batch(len(batch), sum(lengths), padded,
-                                   time.monotonic() - started_at, plan.saved if plan else 0)
+                                   time.monotonic() - started_at, reused)
         for w, r in zip(batch, rewards, strict=True):
             if not w.gone:
                 w.request.deliver(w.index, r)
