@@ -86,8 +86,10 @@ def choose(model: PreTrainedModel, requested: str, device: str, pad_id: int,
     candidate = convert(model, candidate_dtype)
     delta = max_delta(model, candidate, pad_id, vocab_size)
     if delta > TOLERANCE:
-        log.warning("dtype %s: %s gives rewards up to %.4f from float32's on probe batches "
-                    "(limit %g): serving float32", requested, candidate_dtype, delta, TOLERANCE)
+        # auto falling back is what it is for (info); an int8 that was asked for is refused
+        log.log(logging.INFO if requested == "auto" else logging.WARNING,
+                "dtype %s: %s gives rewards up to %.4f from float32's on probe batches "
+                "(limit %g): serving float32", requested, candidate_dtype, delta, TOLERANCE)
         return model, Precision("float32", None)
     log.info("dtype %s: %s, rewards within %.4f of float32's on probe batches", requested,
              candidate_dtype, delta)
