@@ -1,6 +1,7 @@
 """The demo model's cache: built once per recipe, rebuilt when the recipe changes."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,29 @@ def test_a_weak_build_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch.setattr(demo, "WARN_BELOW_PAIRWISE", 1.01)  # nothing reaches it: a warning
         demo.build_checkpoint(tmp_path / "b", PRESETS["tiny"], progress=False)
     assert "trained poorly" in caplog.text
+
+
+def test_a_failed_build_trains_again_from_the_next_seed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds = []
+    real_train = demo.train_rm
+
+    def recording_train(data: Path, out: Path, preset, options):  # type: ignore[no-untyped-def]
+        seeds.append(options.seed)
+        return real_train(data, out, preset, options)
+
+    monkeypatch.setattr(demo, "train_rm", recording_train)
+    monkeypatch.setattr(demo, "WARN_BELOW_PAIRWISE", -1.0)  # the first build passes: no restart
+    demo.build_checkpoint(tmp_path / "a", PRESETS["tiny"], progress=False, seed=3, restarts=2)
+    assert seeds == [3]
+    monkeypatch.setattr(demo, "WARN_BELOW_PAIRWISE", 1.01)  # none passes: every restart, then
+    with caplog.at_level("WARNING", logger="tokenrm.training.demo"):  # the warning
+        demo.build_checkpoint(tmp_path / "b", PRESETS["tiny"], progress=False, seed=3,
+                              restarts=1)
+    assert seeds == [3, 3, 1003]
+    assert "seed 3 trained poorly" in caplog.text and "training again from seed 1003" in caplog.text
+    assert "the model trained poorly here" in caplog.text
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["seed"] == 1003
 
 
 def test_the_shipped_models_belong_to_the_current_recipe() -> None:
