@@ -80,7 +80,7 @@ def report(result: dict[str, Any]) -> str:
              "| meets the floors | build seconds | weights sha256 |",
              "|---|---|---|---|---|---|---|---|"]
     for b in result["builds"]:
-        lines.append(f"| {b['seed']} | {b['trained_seed']} | {b['token_auroc']:.3f} | "
+        lines.append(f"| {b['seed']} | {b['trained_seed']} | {b['token_auroc']:.4f} | "
                      f"{b['pairwise_accuracy']:.3f} | "
                      f"{b['localisation_f1']:.3f} | {'yes' if b['meets_floors'] else 'NO'} | "
                      f"{b['seconds']:.0f} | {b['sha256']} |")
