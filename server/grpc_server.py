@@ -8,9 +8,11 @@ are configured.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -26,6 +28,7 @@ from tokenrm.server.grpc_servicer import RewardServicer, Undecodable
 from tokenrm.server.state import ServerState
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RewardService"]
+T = TypeVar("T")
 HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 _KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
           (False, True): grpc.unary_stream_rpc_method_handler,
@@ -126,37 +129,97 @@ def _refusing(handler: grpc.RpcMethodHandler, exc: ScoringError) -> grpc.RpcMeth
 
 @asynccontextmanager
 async def grpc_serving(state: ServerState) -> AsyncIterator[int]:
-    """The gRPC server on settings.host:grpc_port for as long as the context lasts; yields the
-    bound port. On exit it is NOT_SERVING and in-flight calls get what is left of the grace
+    """The gRPC server on settings.host:grpc_port for as long as the context lasts, on an event
+    loop of its own in its own thread (so that HTTP's work on the service's loop does not hold
+    gRPC's calls back before they are seen); yields the bound port. Each call is scored on the
+    service's loop. On exit it is NOT_SERVING and in-flight calls get what is left of the grace
     period (settings.grace_s from the first signal) to finish."""
-    s = state.settings
-    size = s.grpc_max_message_bytes
-    interceptors = [KeyInterceptor(state.keys)] if state.keys.required else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-        ("grpc.so_reuseport", 0)])  # a port in use is an error, not a silently shared port
-    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(state.service), _Tolerant(server))
-    checker = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME,
-                                         reflection.SERVICE_NAME), server)
-    address = f"{s.host}:{s.grpc_port}"
-    if s.grpc_tls_cert is not None and s.grpc_tls_key is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(s.grpc_tls_key.read_bytes(), s.grpc_tls_cert.read_bytes())])
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    await server.start()
-
-    async def set_status(status: int) -> None:
-        for name in ("", SERVICE.full_name):
-            await checker.set(name, status)
-
-    await set_status(health_pb2.HealthCheckResponse.SERVING)
-    state.on_drain.append(lambda: set_status(health_pb2.HealthCheckResponse.NOT_SERVING))
+    thread = _GrpcThread(state, asyncio.get_running_loop())
+    port = await thread.start()
+    state.on_drain.append(thread.not_serving)
     try:
         yield port
     finally:
-        await set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(state.grace_left_s())
+        await thread.stop(state.grace_left_s())
+
+
+class _GrpcThread:
+    """A grpc.aio server and the loop it runs on (grpc.aio objects stay on the loop that made
+    them: everything here is started, changed and stopped through `_on_grpc_loop`)."""
+
+    def __init__(self, state: ServerState, service_loop: asyncio.AbstractEventLoop) -> None:
+        self.state, self.service_loop = state, service_loop
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tokenrm-grpc",
+                                       daemon=True)
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+
+    async def _on_grpc_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        return await _on(self.loop, work)
+
+    async def _on_service_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        return await _on(self.service_loop, work)
+
+    async def start(self) -> int:
+        self.thread.start()
+        try:
+            return await self._on_grpc_loop(self._start())
+        except BaseException:
+            await self._end_thread()
+            raise
+
+    async def not_serving(self) -> None:
+        await self._on_grpc_loop(self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def stop(self, grace_s: float) -> None:
+        try:
+            await self._on_grpc_loop(self._stop(grace_s))
+        finally:
+            await self._end_thread()
+
+    async def _end_thread(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join)
+        self.loop.close()
+
+    async def _start(self) -> int:
+        s = self.state.settings
+        size = s.grpc_max_message_bytes
+        keys = self.state.keys
+        server = grpc.aio.server(
+            interceptors=[KeyInterceptor(keys)] if keys.required else [], options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.so_reuseport", 0)])  # a port in use is an error, not a shared port
+        pb_grpc.add_RewardServiceServicer_to_server(
+            RewardServicer(self.state.service, self._on_service_loop), _Tolerant(server))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME,
+                                             reflection.SERVICE_NAME), server)
+        address = f"{s.host}:{s.grpc_port}"
+        if s.grpc_tls_cert is not None and s.grpc_tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(s.grpc_tls_key.read_bytes(), s.grpc_tls_cert.read_bytes())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        await server.start()
+        self.server = server
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+    async def _set_status(self, status: int) -> None:
+        for name in ("", SERVICE.full_name):
+            await self.health.set(name, status)
+
+    async def _stop(self, grace_s: float) -> None:
+        await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace_s)
+
+
+async def _on(loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` on `loop` (another thread's) and await its result here; cancelling the wait
+    cancels the work."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))

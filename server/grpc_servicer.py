@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
@@ -20,6 +22,12 @@ from tokenrm.server.grpc_messages import (
 from tokenrm.server.service import RewardService, ScoreAnswer, ScoreRequest
 
 STREAM_WINDOW = 64  # requests of one ScoreStream in flight; beyond, reading waits (flow control)
+T = TypeVar("T")
+OnServiceLoop = Callable[[Coroutine[Any, Any, T]], Awaitable[T]]
+
+
+async def _here(work: Coroutine[Any, Any, T]) -> T:
+    return await work
 
 
 class Undecodable:
@@ -31,8 +39,12 @@ class Undecodable:
 
 
 class RewardServicer(pb_grpc.RewardServiceServicer):
-    def __init__(self, service: RewardService) -> None:
-        self.service = service
+    """`on_service_loop` runs a coroutine on the event loop that owns the service (when gRPC
+    has a loop of its own, see grpc_server); by default the service is on the caller's loop."""
+
+    def __init__(self, service: RewardService,
+                 on_service_loop: OnServiceLoop[pb.ScoreResponse] = _here) -> None:
+        self.service, self.on_service_loop = service, on_service_loop
 
     async def Score(self, request: pb.ScoreRequest | Undecodable,  # noqa: N802 (proto names)
                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
@@ -83,13 +95,20 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
     async def score(self, message: pb.ScoreRequest | Undecodable,
                     remaining_s: float | None) -> pb.ScoreResponse:
-        """One request; ScoringError for the caller to map to a status."""
+        """One request; ScoringError for the caller to map to a status. The time the hop to
+        the service's loop takes counts against the caller's deadline."""
+        seen = time.monotonic()
+
         async def read() -> ScoreRequest:
             if isinstance(message, Undecodable):
                 raise BadRequest(message.reason)
             return request_from_proto(message)
 
-        return await self.service.handle("grpc", read, self._respond, remaining_s)
+        async def handle() -> pb.ScoreResponse:
+            left = None if remaining_s is None else remaining_s - (time.monotonic() - seen)
+            return await self.service.handle("grpc", read, self._respond, left)
+
+        return await self.on_service_loop(handle())
 
     def _respond(self, request: ScoreRequest, answer: ScoreAnswer) -> pb.ScoreResponse:
         out = answer_to_proto(request, answer)
