@@ -17,7 +17,8 @@
 5. The server's resident memory (VmRSS) every second.
 
 Writes bench/results/soak.json and soak.md (printed too); exits 1 when a must-be-zero count
-(wrong, server error, timed out, other; with --strict-deadlines also expired) is not zero, a
+(wrong, server error, timed out, other) is not zero, more than `max_expired_share` of a
+transport's accepted requests expired, a
 transport had no success, or the memory is not flat.
 
     python bench/soak.py [--duration 60] [--model DIR] [--rate-factor 2.0] [--deadline-s 5]
@@ -96,7 +97,7 @@ class Options:
     rss_growth_mb: float = 50.0
     tolerance: float = 1e-4       # max |reward - expected| of a correct answer
     server_env: dict[str, str] = field(default_factory=dict)  # more TOKENRM_* for the server
-    strict_deadlines: bool = False  # expired requests fail the run too
+    max_expired_share: float = 0.005  # of a transport's accepted requests (ok or expired)
 
     @property
     def rss_warmup(self) -> float:
@@ -588,7 +589,9 @@ def run(model_path: Path, opts: Options) -> dict[str, Any]:
     del model
     bodies = [to_bodies(rows, len(rows))[0] for rows in requests]
     pool_s = time.perf_counter() - started
-    env = {"TOKENRM_REQUEST_TIMEOUT_S": f"{opts.deadline_s:g}", **opts.server_env}
+    # float32: the expected rewards are float32's (dtype auto may serve bf16 on this CPU)
+    env = {"TOKENRM_REQUEST_TIMEOUT_S": f"{opts.deadline_s:g}", "TOKENRM_DTYPE": "float32",
+           **opts.server_env}
     say("[server] starting ...")
     with serve(model_path, env=env, timeout_s=180) as server:
         measured = uvloop.run(drive(server.url, server.grpc_target, server.process.pid, bodies,
@@ -618,9 +621,15 @@ def checks(result: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]
     soak = totals(result["soak"]["outcomes"])
     capacity = totals(result["capacity"]["outcomes"])
     out: dict[str, dict[str, Any]] = {}
-    for k in (*MUST_BE_ZERO, *(["expired"] if result["config"]["strict_deadlines"] else [])):
+    for k in MUST_BE_ZERO:
         n = soak[k] + capacity[k]
         out[f"{k} == 0"] = {"value": n, "ok": n == 0}
+    share = result["config"]["max_expired_share"]
+    for t, o in result["soak"]["outcomes"].items():
+        accepted = o["ok"] + o["expired"]
+        out[f"{t}: expired <= {share:.1%} of accepted"] = {
+            "value": f"{o['expired']} of {accepted}",
+            "ok": o["expired"] <= share * accepted}
     for t, o in result["soak"]["outcomes"].items():
         out[f"{t}: some ok"] = {"value": o["ok"], "ok": o["ok"] > 0}
     rss = result["rss"]
@@ -768,8 +777,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--env", action="append", default=[], metavar="TOKENRM_X=V",
                    help="more server settings, e.g. TOKENRM_MAX_QUEUE_ITEMS=512")
-    p.add_argument("--strict-deadlines", action="store_true",
-                   help="fail the run on requests that expired at their deadline too")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for soak.json/.md")
     return p.parse_args()
 
@@ -780,7 +787,7 @@ def main() -> None:
                    deadline_s=args.deadline_s, capacity_s=args.capacity_s,
                    concurrency=args.concurrency, max_outstanding=args.max_outstanding,
                    grpc_channels=args.grpc_channels,
-                   seed=args.seed, strict_deadlines=args.strict_deadlines,
+                   seed=args.seed,
                    server_env=dict(e.split("=", 1) for e in args.env))
     result = run(resolve_model(args.model), opts)
     args.out.mkdir(parents=True, exist_ok=True)

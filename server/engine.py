@@ -23,7 +23,7 @@ from tokenrm.server.batching import padded_tokens, pick_batch, pick_shared_batch
 from tokenrm.server.errors import DeadlineExceeded, Overloaded, Unavailable
 from tokenrm.server.metrics import EngineMetrics
 from tokenrm.server.model import RewardModel
-from tokenrm.server.speed import Speed
+from tokenrm.server.speed import Lateness, Speed
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class ScoringEngine:
         self._accepting = False
         self.speed = Speed(limits.workers, limits.overhead_tokens, limits.max_batch_size,
                            limits.max_batch_tokens)
+        self.lateness = Lateness()
 
     async def __aenter__(self) -> ScoringEngine:
         self._loop_task = asyncio.create_task(self._run(), name="tokenrm-batcher")
@@ -142,9 +143,14 @@ class ScoringEngine:
         return sum(not w.gone for w in self._waiting)
 
     def expected_wait_s(self) -> float:
-        """About how long until the work queued and running now is scored: its tokens plus
-        each batch's fixed cost, at the measured speed of the forward threads. 0 until
-        measured."""
+        """About how long until the work queued and running now is scored: the speed model's
+        prediction times how late work has really been finishing against it here (see
+        speed.Lateness). 0 until measured."""
+        return self._predicted_wait_s() * self.lateness.factor
+
+    def _predicted_wait_s(self) -> float:
+        """The work queued and running now: its tokens plus each batch's fixed cost, at the
+        measured speed of the forward threads."""
         ahead = [w for batch in self._running.values() for w in batch]  # counted whole
         return self.speed.seconds([len(w.row.input_ids) for w in ahead + self._waiting
                                    if not w.gone])
@@ -178,20 +184,25 @@ class ScoringEngine:
                              retry_after_s=self.expected_wait_s())
         request = _Request(asyncio.get_running_loop().create_future(), len(rows))
         reuse = self.limits.prefix_reuse
-        deadline = time.monotonic() + timeout_s
+        queued_at = time.monotonic()
+        predicted_s = self._predicted_wait_s() + self.speed.seconds([len(r.input_ids)
+                                                                     for r in rows])
         self._waiting.extend(
-            _Waiting(r, request, i, deadline,
+            _Waiting(r, request, i, queued_at + timeout_s,
                      hash(tuple(r.input_ids[:len(r.input_ids) - r.n_response])) if reuse else 0)
             for i, r in enumerate(rows))
         self.metrics.queue_depth.set(len(self._waiting))
         self._wake.set()
         try:
-            return await asyncio.wait_for(request.future, timeout_s)
-        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+            rewards = await asyncio.wait_for(request.future, timeout_s)
+        except (TimeoutError, asyncio.TimeoutError, DeadlineExceeded):  # the first two are
+            self.lateness.observe(predicted_s, timeout_s)  # distinct before Python 3.11
             raise DeadlineExceeded(f"not scored within {timeout_s:g} s",
                                    retry_after_s=self.expected_wait_s()) from None
         finally:
             request.future.cancel()  # a caller that went away: its rows are skipped
+        self.lateness.observe(predicted_s, time.monotonic() - queued_at)
+        return rewards
 
     async def _run(self) -> None:
         free = asyncio.Semaphore(self.limits.workers)

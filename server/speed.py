@@ -1,11 +1,14 @@
-"""The engine's measured speed, and what a queue of rows costs at it: the basis of admission
-by expected wait and of the retry hints."""
+"""The engine's measured speed, what a queue of rows costs at it, and how late work really
+finishes against that: the basis of admission by expected wait and of the retry hints."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
+
+import numpy as np
 
 
 class Speed:
@@ -50,3 +53,30 @@ class Speed:
         self._last_done, self._busy_at_last_done = now, busy
         old = self.seconds_per_token
         self.seconds_per_token = sample if old is None else 0.8 * old + 0.2 * sample
+
+
+class Lateness:
+    """How much later than the speed model predicts work really finishes, on this machine and
+    under its load now: the model counts only the forward passes, while tokenizing, the
+    front doors, other processes and bursts of requests admitted together also take time.
+
+    Each request scored records actual / predicted (from entering the queue to its last
+    reward; predicted: the work ahead of it and its own at the measured speed), when the
+    prediction is long enough to mean something; an expired request records its deadline over
+    its prediction (a lower bound of its real ratio). `factor` is a high quantile of the
+    recent ratios, never below 1: admission multiplies its expected wait by it.
+    """
+
+    def __init__(self, window: int = 256, quantile: float = 0.95, min_samples: int = 8,
+                 min_predicted_s: float = 0.02) -> None:
+        self.quantile, self.min_samples, self.min_predicted_s = quantile, min_samples, \
+            min_predicted_s
+        self._ratios: deque[float] = deque(maxlen=window)
+        self.factor = 1.0
+
+    def observe(self, predicted_s: float, actual_s: float) -> None:
+        if predicted_s < self.min_predicted_s:
+            return  # mostly fixed costs: says nothing about the queue's speed
+        self._ratios.append(actual_s / predicted_s)
+        if len(self._ratios) >= self.min_samples:
+            self.factor = max(1.0, float(np.quantile(self._ratios, self.quantile)))
