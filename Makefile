@@ -113,7 +113,8 @@ demo-seeds: install
 	$(PY) bench/demo_seeds.py
 
 # Load and soak: HTTP and gRPC together at twice the measured capacity for 60 s (bench/results/
-# soak.md); fails on a wrong reward, a 5xx, a hang past the deadline or growing server memory.
+# soak.md); fails on a wrong reward, a 5xx, a hang past the deadline, more than 0.5% of a
+# transport's accepted requests expiring at their deadline, or growing server memory.
 .PHONY: soak
 soak: install
 	$(PY) bench/soak.py
