@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, model: RewardModel | None = None, *,
-               grpc: bool = False) -> FastAPI:
+               grpc: bool = False, watch_disconnects: bool = True) -> FastAPI:
     """The HTTP app; with `grpc`, its lifespan also runs the gRPC server on the same engine.
-    Nothing loads until the lifespan starts (e.g. `with TestClient(app)`)."""
+    `watch_disconnects`: an HTTP caller that hangs up cancels its scoring (off under Ray
+    Serve, whose proxy cancels it). Nothing loads until the lifespan starts (e.g.
+    `with TestClient(app)`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +46,7 @@ def create_app(settings: Settings, model: RewardModel | None = None, *,
     app = FastAPI(title="tokenrm", version="0.1.0", lifespan=lifespan,
                   description="Per-token rewards from a token-level reward model.",
                   openapi_url=None if settings.api_keys else "/openapi.json")
+    app.state.watch_disconnects = watch_disconnects
     add_http_api(app)
     add_page(app)
     return app

@@ -17,9 +17,9 @@ from tokenrm.server.http_common import (
     JSON_ERRORS,
     State,
     authorized,
+    handle,
     json_response,
     parse,
-    read_body,
 )
 from tokenrm.server.http_errors import error_response
 from tokenrm.server.http_openrlhf import router as openrlhf_router
@@ -91,10 +91,7 @@ async def metrics(state: State) -> Response:
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}})
 async def score(request: Request, state: State) -> Response:
-    async def read() -> ScoreRequest:
-        return request_from_json(await read_body(request, state.settings.max_body_bytes))
-
-    return await state.service.handle("http", read, answer_json)
+    return await handle(request, state, "http", request_from_json, answer_json)
 
 
 def request_schemas(spec: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,10 @@ bounded body reading, and parsing bodies with schema errors as domain errors."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -15,6 +18,7 @@ from pydantic_core import ErrorDetails
 from tokenrm.server import http_schema as schema
 from tokenrm.server.errors import BadRequest, InvalidInput, PayloadTooLarge, ScoringError
 from tokenrm.server.http_errors import STATUS
+from tokenrm.server.service import ScoreAnswer, ScoreRequest
 from tokenrm.server.state import ServerState
 
 M = TypeVar("M", bound=BaseModel)
@@ -56,6 +60,46 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"body over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def handle(request: Request, state: ServerState, transport: str,
+                 read: Callable[[bytes], ScoreRequest],
+                 respond: Callable[[ScoreRequest, ScoreAnswer], Response]) -> Response:
+    """The service's handling of a scoring request whose body `read` turns into a
+    ScoreRequest. Once the body is in, a caller that hangs up cancels the work: its rows still
+    queued are dropped, not computed (unless the app was made with watch_disconnects=False:
+    under Ray Serve, whose proxy does that itself)."""
+    body_in = asyncio.Event()
+
+    async def read_request() -> ScoreRequest:
+        body = await read_body(request, state.settings.max_body_bytes)
+        body_in.set()
+        return read(body)
+
+    work = asyncio.ensure_future(state.service.handle(transport, read_request, respond))
+    if not request.app.state.watch_disconnects:
+        return await work
+    gone = asyncio.ensure_future(_hung_up(request, body_in))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server itself ends this request
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return Response(status_code=499)  # nobody is there to read it
+
+
+async def _hung_up(request: Request, body_in: asyncio.Event) -> None:
+    """Returns when the caller disconnects (after its body is read: the only reader then)."""
+    await body_in.wait()
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def parse(model: type[M], body: bytes) -> M:

@@ -69,7 +69,5 @@ async def get_reward(request: Request, state: web.State) -> Response:
         raise InvalidInput(f"reduction: {how!r} is not one of {', '.join(REDUCTIONS)}",
                            field="reduction")
 
-    async def read() -> ScoreRequest:
-        return request_from_json(await web.read_body(request, state.settings.max_body_bytes))
-
-    return await state.service.handle("openrlhf", read, lambda _r, a: answer_json(a, how))
+    return await web.handle(request, state, "openrlhf", request_from_json,
+                            lambda _r, a: answer_json(a, how))

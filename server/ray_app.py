@@ -119,7 +119,9 @@ def app(args: dict[str, Any]) -> serve.Application:
     deployment: see ray_deploy). A replica loads args' model, then the user_config's."""
     settings = Settings(**args)
     ingress = serve.deployment(name=DEPLOYMENT, user_config=checkpoint(settings))(
-        serve.ingress(create_app(settings))(TokenRM))  # the app's lifespan runs per replica
+        # the app's lifespan runs per replica; Ray's proxy cancels the request of an HTTP
+        # caller that hangs up
+        serve.ingress(create_app(settings, watch_disconnects=False))(TokenRM))
     return ingress.bind()
 
 

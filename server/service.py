@@ -84,6 +84,9 @@ class RewardService:
         except ScoringError as exc:
             self.metrics.observe(transport, exc.code)
             raise
+        except asyncio.CancelledError:  # the caller went away (or the server stops it)
+            self.metrics.observe(transport, "cancelled")
+            raise
         finally:
             self.in_flight -= 1
         self.metrics.observe(transport, "ok", time.perf_counter() - started)
