@@ -76,9 +76,9 @@ async def handle(request: Request, state: ServerState, transport: str,
         body_in.set()
         return read(body)
 
-    work = asyncio.ensure_future(state.service.handle(transport, read_request, respond))
     if not request.app.state.watch_disconnects:
-        return await work
+        return await state.service.handle(transport, read_request, respond)
+    work = asyncio.ensure_future(state.service.handle(transport, read_request, respond))
     gone = asyncio.ensure_future(_hung_up(request, body_in))
     try:
         await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
