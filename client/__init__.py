@@ -23,6 +23,7 @@ input order. Installing it needs no torch: `pip install "tokenrm[client]"`.
 from tokenrm.client.async_client import AsyncRewardClient
 from tokenrm.client.errors import (
     AuthenticationError,
+    CertificateError,
     DeadlineError,
     InputError,
     ResultError,
@@ -36,6 +37,7 @@ from tokenrm.client.types import Item, ItemScore, Limits, ModelInfo
 __all__ = [
     "AsyncRewardClient",
     "AuthenticationError",
+    "CertificateError",
     "DeadlineError",
     "InputError",
     "Item",

@@ -20,6 +20,12 @@ class AuthenticationError(RewardClientError):
     """The server wants a (different) API key. Never retried."""
 
 
+class CertificateError(RewardClientError):
+    """The server's TLS certificate failed verification (not signed by a trusted root, or not
+    for this host). Never retried: another try meets the same certificate. Trust it with
+    `root_certificates=` (or SSL_CERT_FILE for https://), or fix the URL."""
+
+
 class ServerError(RewardClientError):
     """A refusal worth retrying (overloaded, unavailable, draining, unreachable) that outlived
     the retries or the deadline, or a failure of the server itself (HTTP 500, gRPC INTERNAL);

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tokenrm.client.errors import AuthenticationError, InputError, ServerError
+from tokenrm.client.errors import AuthenticationError, CertificateError, InputError, ServerError
 from tokenrm.client.retry import Retryable
 from tokenrm.client.types import Item, ItemScore, Limits, ModelInfo
 from tokenrm.proto import reward_pb2 as pb
@@ -21,6 +21,8 @@ DOWN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
                grpc.StatusCode.FAILED_PRECONDITION}
 NOT_RETRIED_CODES = {"payload_too_large"}  # RESOURCE_EXHAUSTED that another try cannot fix
+# How gRPC's TLS handshake says the server's certificate failed verification (UNAVAILABLE)
+CERTIFICATE_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification Check failed")
 
 
 class GrpcTransport:
@@ -85,6 +87,9 @@ def _error(target: str, exc: grpc.aio.AioRpcError) -> Exception:
     trailing = dict(exc.trailing_metadata() or ())
     message = f"{target}: {exc.code().name}: {exc.details()}"
     code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+            marker in (exc.details() or "") for marker in CERTIFICATE_FAILURES):
+        return CertificateError(message)
     if code in RETRY_CODES and trailing.get("tokenrm-error-code") not in NOT_RETRIED_CODES:
         after_ms = trailing.get("retry-after-ms")
         return Retryable(message, int(after_ms) / 1000 if after_ms else None,

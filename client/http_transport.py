@@ -10,7 +10,13 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tokenrm.client.errors import AuthenticationError, InputError, ResultError, ServerError
+from tokenrm.client.errors import (
+    AuthenticationError,
+    CertificateError,
+    InputError,
+    ResultError,
+    ServerError,
+)
 from tokenrm.client.retry import Retryable
 from tokenrm.client.types import Item, ItemScore, Limits, ModelInfo
 
@@ -61,6 +67,8 @@ class HttpTransport:
         try:
             response = await self._http.request(method, path, json=payload, timeout=timeout_s)
         except httpx.TransportError as exc:  # refused, reset, timed out: worth another try
+            if _certificate_failed(exc):
+                raise CertificateError(f"{self.url}: {exc}") from exc
             raise Retryable(f"{self.url}: {type(exc).__name__}: {exc}",
                             endpoint_down=True) from exc
         if response.status_code == 200:
@@ -83,6 +91,16 @@ class HttpTransport:
         if response.status_code >= 500:  # a failure of the server, not of the input
             raise ServerError(message)
         raise InputError(message, error.get("item"), error.get("field"))
+
+
+def _certificate_failed(exc: BaseException) -> bool:
+    """Did the TLS handshake fail on the server's certificate (anywhere in the cause chain)?"""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in chain)
 
 
 def _item_json(item: Item) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tokenrm.client import (
+    CertificateError,
     InputError,
     Item,
     ItemScore,
@@ -82,9 +83,30 @@ def test_urls_pick_the_transport_and_bad_ones_are_refused() -> None:
         make_transport("ftp://h:1", None, None)
 
 
-def _rpc_error(code: grpc.StatusCode, **trailing: str) -> grpc.aio.AioRpcError:
+def _rpc_error(code: grpc.StatusCode, details: str = "why", **trailing: str
+               ) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(),
-                                grpc.aio.Metadata(*trailing.items()), details="why")
+                                grpc.aio.Metadata(*trailing.items()), details=details)
+
+
+# What grpcio 1.8x says when a grpcs:// handshake fails on the certificate (seen here), and when
+# the server is simply not there
+UNTRUSTED = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:38845: "
+             "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+             "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: self signed certificate: OK")
+WRONG_HOST = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:41149: "
+              "Custom verification check failed with error: UNAUTHENTICATED: Hostname "
+              "Verification Check failed.")
+REFUSED = ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+           "Failed to connect to remote host: Connection refused")
+
+
+def test_a_certificate_failure_is_not_retried_but_an_absent_server_is() -> None:
+    for details in (UNTRUSTED, WRONG_HOST):
+        error = grpc_error("t", _rpc_error(grpc.StatusCode.UNAVAILABLE, details))
+        assert isinstance(error, CertificateError) and str(error).startswith("t: UNAVAILABLE")
+    refused = grpc_error("t", _rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED))
+    assert isinstance(refused, Retryable) and refused.endpoint_down
 
 
 def test_grpc_statuses_map_to_retries_server_errors_and_input_errors() -> None:

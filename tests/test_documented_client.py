@@ -1,9 +1,10 @@
 """Documented client behaviour that had no test (issue 19, item 5): TLS (`grpcs://`, `https://`,
-`root_certificates=`), a 500 in tokenrm's error format (ServerError, not retried) and a 503
-`deadline_exceeded` (retried within the call's deadline), over HTTP and gRPC, and an answer that
-cannot be right over gRPC (ResultError). The TLS server is a real `tokenrm serve` on 127.0.0.1;
-refusals and wrong answers come from small in-test servers that speak tokenrm's formats (the
-server's own error encoders) or forward to the real one."""
+`root_certificates=`; a certificate that fails verification is a CertificateError at once), a
+500 in tokenrm's error format (ServerError, not retried) and a 503 `deadline_exceeded` (retried
+within the call's deadline), over HTTP and gRPC, and an answer that cannot be right over gRPC
+(ResultError). The TLS server is a real `tokenrm serve` on 127.0.0.1; refusals and wrong
+answers come from small in-test servers that speak tokenrm's formats (the server's own error
+encoders) or forward to the real one."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from tokenrm.client import (
     AsyncRewardClient,
+    CertificateError,
     DeadlineError,
     Item,
     ItemScore,
@@ -58,18 +60,20 @@ ITEMS = [Item.text("Facts: Ana lives in Lima. Question: Where does Ana live?",
 # ---------------------------------------------------------------- a certificate and TLS
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, valid for a day: (cert, key)."""
+def _self_signed(directory: Path, host: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for `host` (localhost: and 127.0.0.1), valid for a day:
+    (cert, key)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    names: list[x509.GeneralName] = [x509.DNSName(host)]
+    if host == "localhost":
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
@@ -180,15 +184,19 @@ def test_grpcs_with_root_certificates_speaks_tls_sync_and_async(
     assert_same(asyncio.run(main()), plain_http)
 
 
-@pytest.mark.parametrize("url, roots", [("grpcs://{}", False), ("grpc://{}", True)],
-                         ids=["grpcs-untrusted-certificate", "plaintext-to-tls-port"])
-def test_grpc_tls_is_really_checked(server: Running, cert: tuple[Path, Path], url: str,
-                                    roots: bool) -> None:
-    """Without the server's certificate among the roots (or without TLS at all) no call
-    succeeds: the certificate is what lets the first test through."""
-    with RewardClient(url.format(server.grpc_target), timeout_s=TIMEOUT, retry=RetryPolicy(
-            initial_s=0.01, max_attempts=2),
-            root_certificates=cert[0].read_bytes() if roots else None) as client, \
+def test_grpcs_with_an_untrusted_certificate_is_a_certificate_error_at_once(
+        server: Running) -> None:
+    """Without the server's certificate among the roots no call succeeds (the certificate is
+    what lets the first test through), and the call is not retried until its deadline: with
+    retries unbounded, a retried failure would end in DeadlineError after TIMEOUT."""
+    with RewardClient(f"grpcs://{server.grpc_target}", timeout_s=TIMEOUT) as client, \
+            pytest.raises(CertificateError, match="CERTIFICATE_VERIFY_FAILED"):
+        client.score(ITEMS)
+
+
+def test_plaintext_to_the_tls_port_is_refused(server: Running) -> None:
+    with RewardClient(f"grpc://{server.grpc_target}", timeout_s=TIMEOUT, retry=RetryPolicy(
+            initial_s=0.01, max_attempts=2)) as client, \
             pytest.raises(ServerError, match="UNAVAILABLE"):
         client.score(ITEMS)
 
@@ -199,12 +207,21 @@ def test_https_speaks_tls(server: Running, cert: tuple[Path, Path],
     the way httpx reads the environment (SSL_CERT_FILE); the next test gives it as
     `root_certificates=` instead."""
     with TlsTerminator(server.url, *cert) as tls:
-        with RewardClient(tls.url, timeout_s=TIMEOUT, retry=RetryPolicy(max_attempts=2)
-                          ) as client, pytest.raises(ServerError, match="CERTIFICATE_VERIFY"):
-            client.score(ITEMS)  # not trusted yet: refused, TLS is really checked
+        with RewardClient(tls.url, timeout_s=TIMEOUT) as client, \
+                pytest.raises(CertificateError, match="CERTIFICATE_VERIFY_FAILED"):
+            client.score(ITEMS)  # not trusted yet: refused at once, TLS is really checked
         monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
         with RewardClient(tls.url, timeout_s=TIMEOUT) as client:
             assert_same(client.score(ITEMS, return_tokens=True), plain_http)
+
+
+def test_https_with_a_certificate_for_another_host_is_a_certificate_error(
+        server: Running, tmp_path: Path) -> None:
+    other = _self_signed(tmp_path, "other.example")
+    with TlsTerminator(server.url, *other) as tls, \
+            RewardClient(tls.url, root_certificates=other[0].read_bytes(), timeout_s=TIMEOUT
+                         ) as client, pytest.raises(CertificateError, match="mismatch"):
+        client.score(ITEMS)
 
 
 def test_https_with_root_certificates(server: Running, cert: tuple[Path, Path],
