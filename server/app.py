@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from tokenrm.server.grpc_server import grpc_serving
 from tokenrm.server.http_api import add_http_api
 from tokenrm.server.http_page import add_page
-from tokenrm.server.live import LiveState, load_model
+from tokenrm.server.live import LiveState, available_cores, load_model
 from tokenrm.server.model import RewardModel
 from tokenrm.server.settings import Settings
 
@@ -38,8 +38,7 @@ def create_app(settings: Settings, model: RewardModel | None = None, *,
                 port = await stack.enter_async_context(grpc_serving(state))
                 log.info("gRPC on %s:%d%s", settings.host, port,
                          " (TLS)" if settings.grpc_tls_cert else "")
-            log.info("serving %s (%s rewards, max %d tokens)", loaded.info.name,
-                     loaded.info.kind, loaded.info.max_len)
+            _log_serving(loaded, settings)
             yield
 
     # With API keys, no route but /healthz is public: the schema and docs pages go too.
@@ -50,3 +49,13 @@ def create_app(settings: Settings, model: RewardModel | None = None, *,
     add_http_api(app)
     add_page(app)
     return app
+
+
+def _log_serving(model: RewardModel, settings: Settings) -> None:
+    """One line with what serves and how: the settings that shape speed, as they took effect."""
+    info = model.info
+    workers, threads = settings.parallelism(available_cores())
+    log.info("serving %s (%s rewards, max %d tokens) on %s: %s, forward workers %d, torch "
+             "threads per worker %d, %s forward, prefix reuse %s", info.name, info.kind,
+             info.max_len, info.device, info.dtype, workers, threads,
+             "traced" if info.traced else "eager", "on" if info.prefix_reuse else "off")

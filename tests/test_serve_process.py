@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import subprocess
@@ -81,13 +82,16 @@ def test_rewards_equal_the_direct_forward_under_concurrent_mixed_load(
 
 def test_the_start_up_log_is_tokenrms_and_uvicorns_only(tmp_path: Path) -> None:
     """No third-party chatter (transformers' loading progress bar, its note on a config field a
-    reward model does not use) between start and the first answer, nor at SIGTERM."""
+    reward model does not use) between start and the first answer, nor at SIGTERM. The line
+    that says what serves names the settings that shape its speed, as they took effect."""
     port = free_port()
     log_path = tmp_path / "log.txt"
+    env = {**os.environ, "TOKENRM_WORKERS": "1", "TOKENRM_THREADS": "2", "TOKENRM_TRACE": "0",
+           "TOKENRM_DTYPE": "float32"}
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tokenrm.cli.main", "serve", "--port",
                                  str(port), "--grpc-port", str(free_port())],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 120
             while not _ready(f"http://127.0.0.1:{port}/readyz"):
@@ -97,7 +101,9 @@ def test_the_start_up_log_is_tokenrms_and_uvicorns_only(tmp_path: Path) -> None:
             proc.terminate()
             proc.wait(timeout=60)
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
-    assert any("tokenrm.server.app: serving demo-token-rm" in line for line in lines), lines
+    assert any("tokenrm.server.app: serving demo-token-rm (token rewards, max 640 tokens) on "
+               "cpu: float32, forward workers 1, torch threads per worker 2, eager forward, "
+               "prefix reuse on" in line for line in lines), lines
     strangers = [line for line in lines if not re.match(r"(INFO|WARNING|ERROR):? ", line)
                  or not re.match(r"\w+:\s{2,}|\w+ tokenrm\.", line)]
     assert strangers == [], strangers
