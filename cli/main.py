@@ -111,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The extra that brings each module a command may need (pyproject.toml)
+EXTRA_OF = {"torch": "server", "transformers": "server", "fastapi": "server",
+            "uvicorn": "server", "sklearn": "train", "accelerate": "train",
+            "matplotlib": "train", "ray": "ray"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from tokenrm.training.data import DataError
 
@@ -120,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except (DataError, FileNotFoundError) as exc:
         print(f"tokenrm {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a command of an extra that is not installed
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"tokenrm {args.command}: needs {exc.name}, which is not installed: "
+              f"pip install 'tokenrm[{extra}]'", file=sys.stderr)
         return 2
     return 0
 

@@ -122,3 +122,28 @@ def test_a_missing_or_wrong_path_is_one_line_naming_it(
     err = capsys.readouterr().err
     assert err == (f"tokenrm {argv[0]}: error: argument {flag}: {path.format(**where)}: "
                    f"{problem}\n")
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra(tiny_checkpoint: Path, data_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys) -> None:
+    """eval-rm without scikit-learn (an install of the [server] extra only, as in the
+    container image) is one line naming what to install, not a traceback."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn fails as if absent
+    monkeypatch.delitem(sys.modules, "sklearn.metrics", raising=False)
+    assert main(["eval-rm", "--model", str(tiny_checkpoint),
+                 "--data", str(data_dir / "eval.jsonl")]) == 2
+    assert capsys.readouterr().err == ("tokenrm eval-rm: needs sklearn.metrics, which is not "
+                                       "installed: pip install 'tokenrm[train]'\n")
+
+
+def test_serving_and_ppo_import_nothing_of_the_train_extra() -> None:
+    """The [server] extra serves and runs PPO against a server (the container image has only
+    it): the modules of those commands import no package that only [train] brings."""
+    code = ("import sys\n"
+            "for m in ('sklearn', 'matplotlib', 'accelerate'): sys.modules[m] = None\n"
+            "import tokenrm.cli.main, tokenrm.server.app, tokenrm.server.ray_app\n"
+            "import tokenrm.training.demo, tokenrm.training.ppo.run\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from sklearn.metrics import roc_auc_score
-
 from tokenrm.core.scoring import Scored
 from tokenrm.training.data import ErrorSpan, Pair
 from tokenrm.training.labels import NEGATIVE, POSITIVE, edit_labels
@@ -14,6 +12,8 @@ FLAG_BELOW = -0.5  # a token is flagged as an error when its reward is below thi
 
 
 def _auroc(labels: list[bool], scores: list[float]) -> float | None:
+    from sklearn.metrics import roc_auc_score  # the [train] extra: not needed to serve or run PPO
+
     return float(roc_auc_score(labels, scores)) if 0 < sum(labels) < len(labels) else None
 
 
