@@ -89,8 +89,8 @@ class AsyncRewardClient:
         """Scores of `items` (Items, or dicts of the JSON item shape), in order.
         `return_tokens`: also each token's string (`tokens`) and, for text items, its character
         span (`offsets`). Raises TypeError (an item of another kind), InputError (naming the
-        item), AuthenticationError, ServerError (retries exhausted), DeadlineError,
-        ResultError."""
+        item), AuthenticationError, CertificateError (every endpoint's TLS certificate failed
+        verification), ServerError (retries exhausted), DeadlineError, ResultError."""
         checked = [as_item(i, item) for i, item in enumerate(items)]
         if not checked:
             return []

@@ -22,7 +22,8 @@ INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
                grpc.StatusCode.FAILED_PRECONDITION}
 NOT_RETRIED_CODES = {"payload_too_large"}  # RESOURCE_EXHAUSTED that another try cannot fix
 # How gRPC's TLS handshake says the server's certificate failed verification (UNAVAILABLE)
-CERTIFICATE_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification Check failed")
+CERTIFICATE_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification Check failed",
+                        "is not in peer certificate")
 
 
 class GrpcTransport:
@@ -89,7 +90,8 @@ def _error(target: str, exc: grpc.aio.AioRpcError) -> Exception:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE and any(
             marker in (exc.details() or "") for marker in CERTIFICATE_FAILURES):
-        return CertificateError(message)
+        return CertificateError(f"{message} (trust the server's certificate with "
+                                "root_certificates=)")
     if code in RETRY_CODES and trailing.get("tokenrm-error-code") not in NOT_RETRIED_CODES:
         after_ms = trailing.get("retry-after-ms")
         return Retryable(message, int(after_ms) / 1000 if after_ms else None,

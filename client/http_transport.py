@@ -68,7 +68,8 @@ class HttpTransport:
             response = await self._http.request(method, path, json=payload, timeout=timeout_s)
         except httpx.TransportError as exc:  # refused, reset, timed out: worth another try
             if _certificate_failed(exc):
-                raise CertificateError(f"{self.url}: {exc}") from exc
+                raise CertificateError(f"{self.url}: {exc} (trust the server's certificate with "
+                                       f"root_certificates= or SSL_CERT_FILE)") from exc
             raise Retryable(f"{self.url}: {type(exc).__name__}: {exc}",
                             endpoint_down=True) from exc
         if response.status_code == 200:

@@ -9,6 +9,7 @@ import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from tokenrm.client.errors import CertificateError
 from tokenrm.client.retry import Retryable, RetryPolicy
 from tokenrm.client.types import Item, ItemScore, ModelInfo
 
@@ -32,6 +33,7 @@ class Endpoint:
         self.outstanding = 0
         self.up = True
         self.last_error = ""     # why it left the rotation, said when every endpoint is down
+        self.untrusted = False   # it left because its TLS certificate failed verification
         self._probe: asyncio.Task[None] | None = None
 
 
@@ -58,6 +60,14 @@ class Pool:
                 endpoint.last_error = exc.message
                 self._take_down(endpoint)
             raise
+        except CertificateError as exc:
+            # Another try meets the same certificate: the endpoint leaves the rotation, and the
+            # call fails at once only when every endpoint has failed on its certificate.
+            endpoint.last_error, endpoint.untrusted = str(exc), True
+            self._take_down(endpoint)
+            if all(e.untrusted for e in self.endpoints):
+                raise
+            raise Retryable(str(exc), endpoint_down=True) from exc
         finally:
             endpoint.outstanding -= 1
 
@@ -85,6 +95,6 @@ class Pool:
         for attempt in itertools.count():
             await asyncio.sleep(self._probe_policy.delay_s(attempt))
             if await endpoint.transport.healthy(HEALTH_TIMEOUT_S):
-                endpoint.up, endpoint._probe = True, None
+                endpoint.up, endpoint.untrusted, endpoint._probe = True, False, None
                 self._changed.set()
                 return

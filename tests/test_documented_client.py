@@ -215,6 +215,23 @@ def test_https_speaks_tls(server: Running, cert: tuple[Path, Path],
             assert_same(client.score(ITEMS, return_tokens=True), plain_http)
 
 
+def test_an_endpoint_whose_certificate_fails_leaves_the_rotation(
+        server: Running, cert: tuple[Path, Path], plain_http: list[ItemScore]) -> None:
+    """Among several endpoints, one whose certificate is not trusted (tried first: the pool
+    breaks ties by order) leaves the rotation and the others answer, sync and async."""
+    with TlsTerminator(server.url, *cert) as tls:
+        with RewardClient([tls.url, server.url], timeout_s=TIMEOUT) as client:
+            assert_same(client.score(ITEMS, return_tokens=True), plain_http)
+            assert_same(client.score(ITEMS, return_tokens=True), plain_http)
+
+        async def main() -> list[ItemScore]:
+            async with AsyncRewardClient([f"grpcs://{server.grpc_target}", server.url],
+                                         timeout_s=TIMEOUT) as client:
+                return await client.score(ITEMS, return_tokens=True)
+
+        assert_same(asyncio.run(main()), plain_http)
+
+
 def test_https_with_a_certificate_for_another_host_is_a_certificate_error(
         server: Running, tmp_path: Path) -> None:
     other = _self_signed(tmp_path, "other.example")
