@@ -30,11 +30,7 @@ install: $(VENV)/.linked
 serve: install
 	$(VENV)/bin/tokenrm serve
 
-# The venvs are made side by side (128 s one after another, 87 s so, fresh clone, warm pip
-# cache): an editable install writes only PKG-INFO into this checkout (by an atomic rename),
-# and only .venv's strict install writes build/.
-test:
-	$(MAKE) -j4 --output-sync=target install trainer-venvs browser
+test: install trainer-venvs browser
 	TOKENRM_TRAINER_VENVS=1 $(PY) -m pytest -q
 
 # Debian's chromium and its driver, for the web page's browser test (tests/test_web_page.py).
