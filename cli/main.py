@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tokenrm.cli.extras import advice
 from tokenrm.cli.paths import OneLineParser, checkpoint, existing_file, out_dir, pairs_dir
 from tokenrm.cli.ppo import add_ppo_commands
 from tokenrm.cli.score import add_score_command
@@ -111,12 +112,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The extra that brings each module a command may need (pyproject.toml)
-EXTRA_OF = {"torch": "server", "transformers": "server", "fastapi": "server",
-            "uvicorn": "server", "sklearn": "train", "accelerate": "train",
-            "matplotlib": "train", "ray": "ray"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from tokenrm.training.data import DataError
 
@@ -127,12 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, FileNotFoundError) as exc:
         print(f"tokenrm {args.command}: {exc}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as exc:  # a command of an extra that is not installed
-        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
-        if extra is None:
+    except ImportError as exc:  # a command of an extra that is not installed
+        said = advice(exc, args.command)
+        if said is None:
             raise
-        print(f"tokenrm {args.command}: needs {exc.name}, which is not installed: "
-              f"pip install 'tokenrm[{extra}]'", file=sys.stderr)
+        print(f"tokenrm {args.command}: {said}", file=sys.stderr)
         return 2
     return 0
 

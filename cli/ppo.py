@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Any
 
+from tokenrm.cli.extras import require
 from tokenrm.cli.paths import checkpoint, existing_file, out_dir
 
 DEFAULT_SERVER = "grpc://127.0.0.1:50051"
@@ -92,6 +93,7 @@ def _experiment(args: argparse.Namespace) -> None:
     from tokenrm.training.demo import Objective, demo_checkpoint, demo_policy
     from tokenrm.training.ppo.experiment import ARMS, Experiment, run_experiment
 
+    require("matplotlib")  # the report's plot, drawn after the runs: checked before them
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = args.policy or demo_policy(args.policy_recipe)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
 
+from tokenrm.cli.extras import advice
 from tokenrm.cli.main import main
 from tokenrm.training.data import load_pairs
 
@@ -133,8 +134,38 @@ def test_a_command_whose_extra_is_missing_names_the_extra(tiny_checkpoint: Path,
     monkeypatch.delitem(sys.modules, "sklearn.metrics", raising=False)
     assert main(["eval-rm", "--model", str(tiny_checkpoint),
                  "--data", str(data_dir / "eval.jsonl")]) == 2
-    assert capsys.readouterr().err == ("tokenrm eval-rm: needs sklearn.metrics, which is not "
+    assert capsys.readouterr().err == ("tokenrm eval-rm: needs sklearn, which is not "
                                        "installed: pip install 'tokenrm[train]'\n")
+
+
+def test_the_experiment_without_matplotlib_stops_before_its_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Its plot is drawn after hours of runs: the missing package is said before them."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "exp"
+    assert main(["experiment", "fine-vs-seq", "--out", str(out), "--policy-recipe", "tiny"]) == 2
+    assert capsys.readouterr().err == ("tokenrm experiment: needs matplotlib, which is not "
+                                       "installed: pip install 'tokenrm[train]'\n")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_advice_names_the_extra_of_a_package_that_is_not_installed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("accelerate", "ray"):
+        monkeypatch.setitem(sys.modules, name, None)
+    # transformers' own words when the Trainer is used without accelerate
+    trainer = ImportError("Using the `Trainer` with `PyTorch` requires `accelerate>=1.1.0`: "
+                          "Please run `pip install transformers[torch]`")
+    assert advice(trainer, "ppo") == ("needs accelerate, which is not installed: "
+                                      "pip install 'tokenrm[train]'")
+    no_ray = ModuleNotFoundError("No module named 'ray'", name="ray")
+    assert advice(no_ray, "serve") == ("needs ray, which is not installed: "
+                                       "pip install 'tokenrm[ray]'")
+    # an installed package's broken part, or a word that only contains a package's name, is a
+    # bug to show as it is
+    assert advice(ModuleNotFoundError("No module named 'torch._C'", name="torch._C"),
+                  "serve") is None
+    assert advice(ImportError("cannot import name 'array' from 'x'"), "serve") is None
 
 
 def test_serving_and_ppo_import_nothing_of_the_train_extra() -> None:
