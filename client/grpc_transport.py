@@ -91,7 +91,7 @@ def _error(target: str, exc: grpc.aio.AioRpcError) -> Exception:
     if code == grpc.StatusCode.UNAVAILABLE and any(
             marker in (exc.details() or "") for marker in CERTIFICATE_FAILURES):
         return CertificateError(f"{message} (trust the server's certificate with "
-                                "root_certificates=)")
+                                "root_certificates= or GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)")
     if code in RETRY_CODES and trailing.get("tokenrm-error-code") not in NOT_RETRIED_CODES:
         after_ms = trailing.get("retry-after-ms")
         return Retryable(message, int(after_ms) / 1000 if after_ms else None,

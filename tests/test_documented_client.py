@@ -12,7 +12,10 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import os
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -192,6 +195,25 @@ def test_grpcs_with_an_untrusted_certificate_is_a_certificate_error_at_once(
     with RewardClient(f"grpcs://{server.grpc_target}", timeout_s=TIMEOUT) as client, \
             pytest.raises(CertificateError, match="CERTIFICATE_VERIFY_FAILED"):
         client.score(ITEMS)
+
+
+def test_the_command_line_trusts_a_ca_given_in_the_environment(
+        server: Running, cert: tuple[Path, Path]) -> None:
+    """`tokenrm score` cannot pass root_certificates=: gRPC's GRPC_DEFAULT_SSL_ROOTS_FILE_PATH
+    does it, as the README says; without it the command says what failed, in one line."""
+    command = [sys.executable, "-m", "tokenrm.cli.main", "score", "--url",
+               f"grpcs://{server.grpc_target}", "--prompt", "Where?", "--response",
+               "Lima.", "--json", "--timeout", str(TIMEOUT)]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"}
+    trusted = subprocess.run(command, capture_output=True, text=True, timeout=2 * TIMEOUT,
+                             env={**env, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(cert[0])})
+    assert trusted.returncode == 0, trusted.stderr
+    assert len(json.loads(trusted.stdout)["results"][0]["rewards"]) > 0
+    untrusted = subprocess.run(command, capture_output=True, text=True, timeout=2 * TIMEOUT,
+                               env=env)
+    assert untrusted.returncode != 0
+    assert "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH" in untrusted.stderr
+    assert "Traceback" not in untrusted.stderr, untrusted.stderr
 
 
 def test_plaintext_to_the_tls_port_is_refused(server: Running) -> None:
