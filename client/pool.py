@@ -48,6 +48,8 @@ class Pool:
         """The live endpoint with the fewest requests in flight, for one request. A Retryable
         failure inside takes it out of the rotation until its health check passes."""
         live = [e for e in self.endpoints if e.up]
+        if not live and all(e.untrusted for e in self.endpoints):  # no try can succeed
+            raise CertificateError("; ".join(e.last_error for e in self.endpoints))
         if not live:
             raise Retryable("every endpoint is down: "
                             + "; ".join(e.last_error or e.name for e in self.endpoints))
