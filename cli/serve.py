@@ -68,6 +68,7 @@ def ray_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> None:
     from tokenrm.server.model import ModelLoadError
+    from tokenrm.server.serve import PortInUse
 
     if args.print_config and not args.ray:
         raise SystemExit("tokenrm serve: --print-config prints a Ray Serve config: add --ray")
@@ -85,7 +86,7 @@ def _serve(args: argparse.Namespace) -> None:
             from tokenrm.server.serve import run
 
             run(settings)
-    except ModelLoadError as exc:
+    except (ModelLoadError, PortInUse) as exc:
         raise SystemExit(f"tokenrm serve: {exc}") from None
 
 

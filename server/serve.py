@@ -72,10 +72,31 @@ def _exit_zero_after_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+class PortInUse(RuntimeError):
+    """The gRPC port is taken (HTTP's is reported by uvicorn, in one line)."""
+
+
+def check_grpc_port(settings: Settings) -> None:
+    """Raise PortInUse when something listens on the gRPC port already: gRPC binds it only
+    once the app starts, where a failure would end in uvicorn's traceback."""
+    if settings.grpc_port == 0:
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(
+        settings.host, settings.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise PortInUse(f"{settings.host}:{settings.grpc_port} (TOKENRM_GRPC_PORT, "
+                            f"--grpc-port): {exc.strerror}") from None
+
+
 def run(settings: Settings) -> None:
     """Load the model first, so that a bad checkpoint fails here with its reason, then serve."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_grpc_port(settings)
     app = create_app(settings, load_model(settings), grpc=settings.grpc_port != 0)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="info",
                             http=BoundedHeadersProtocol,

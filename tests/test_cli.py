@@ -1,6 +1,7 @@
 """The `tokenrm` command: synth, train-rm and eval-rm chained as a user would, plus bad input."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTo
 
 from tokenrm.cli.extras import advice
 from tokenrm.cli.main import main
+from tokenrm.server.launcher import free_port
 from tokenrm.training.data import load_pairs
 
 
@@ -178,3 +180,21 @@ def test_serving_and_ppo_import_nothing_of_the_train_extra() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_grpc_port_in_use_is_one_line_naming_it(tiny_checkpoint: Path) -> None:
+    """Something listens on the gRPC port already: one line naming the port and its setting,
+    exit 1, before the model loads (it was uvicorn's 50-line start-up traceback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "tokenrm.cli.main", "serve", "--model",
+                              str(tiny_checkpoint), "--port", str(free_port()),
+                              "--grpc-port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"tokenrm serve: 127.0.0.1:{port} (TOKENRM_GRPC_PORT, --grpc-port): Address already "
+        f"in use"), run.stderr
+    assert "Traceback" not in run.stderr
