@@ -8,6 +8,7 @@ defaults while building the parser would import torch into every `tokenrm` comma
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -124,7 +125,9 @@ def _ppo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", action="append", metavar="URL",
                    help=f"reward server, grpc://host:port or http://host:port (default "
                         f"{DEFAULT_SERVER}); repeat for several")
-    p.add_argument("--api-key", help="the server's API key")
+    p.add_argument("--api-key", default=os.environ.get("TOKENRM_API_KEY"),
+                   help="the server's API key (default: TOKENRM_API_KEY, which keeps it out of "
+                        "the process list)")
     p.add_argument("--send", choices=("auto", "ids", "text"),
                    help="token ids (the policy shares the server's tokenizer) or text with "
                         "spans; auto (default): ids when the tokenizers' fingerprints match")

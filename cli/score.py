@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -39,7 +40,9 @@ def add_score_command(sub: Any) -> None:
     given.add_argument("--response-file", metavar="PATH",
                        help="read the response from a UTF-8 file, verbatim; - for stdin")
     p.add_argument("--top", type=int, default=5, metavar="K", help="most negative tokens to list")
-    p.add_argument("--api-key", help="sent as 'Authorization: Bearer <key>'")
+    p.add_argument("--api-key", default=os.environ.get("TOKENRM_API_KEY"),
+                   help="sent as 'Authorization: Bearer <key>' (default: TOKENRM_API_KEY, "
+                        "which keeps it out of the process list)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the answer, retries included (default: "
                         "%(default)g)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ from rich.style import Style
 from rich.text import Text
 
 from tests.test_segments import COVERAGE_CASES
-from tokenrm.cli.score_run import client_url
 from tokenrm.cli.score_view import (
     ScoreCliError,
     most_negative,
@@ -145,19 +145,15 @@ def test_show_prints_the_model_the_coloured_response_the_table_and_the_total() -
              "tiny-rm", 2)
 
 
-def test_urls_for_the_client() -> None:
-    assert client_url("http://h:8000/score") == "http://h:8000"
-    assert client_url("https://h/prefix/score/") == "https://h/prefix"
-    assert client_url("http://h:8000/") == "http://h:8000"
-    assert client_url("grpc://h:50051") == "grpc://h:50051"
-
-
 # --- the command against a real server -----------------------------------------------------
 
 
-def _score(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _score(*args: str, stdin: str | None = None, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "TOKENRM_API_KEY"}
     return subprocess.run([sys.executable, "-m", "tokenrm.cli.main", "score", *args],
-                          input=stdin, capture_output=True, text=True, timeout=120, check=False)
+                          input=stdin, capture_output=True, text=True, timeout=120, check=False,
+                          env={**environment, **(env or {})})
 
 
 def _assert_one_line_error(run: subprocess.CompletedProcess[str]) -> None:
@@ -252,10 +248,11 @@ def test_api_keys(servers: dict[str, Running], scheme: str) -> None:
         _assert_one_line_error(run)
         assert "--api-key" in run.stderr
         assert time.monotonic() - started < 30  # refused at once, not retried for 60 s
-    run = _score("--url", url, "--prompt", "p", "--response", RESPONSE, "--api-key", "k1",
-                 "--json")
-    assert run.returncode == 0, run.stderr
-    assert len(json.loads(run.stdout)["results"][0]["rewards"]) > 0
+    for key, env in ((("--api-key", "k1"), {}), ((), {"TOKENRM_API_KEY": "k1"})):
+        run = _score("--url", url, "--prompt", "p", "--response", RESPONSE, *key, "--json",
+                     env=env)
+        assert run.returncode == 0, run.stderr
+        assert len(json.loads(run.stdout)["results"][0]["rewards"]) > 0
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
