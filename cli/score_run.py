@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from rich.console import Console
 
@@ -28,20 +27,12 @@ from tokenrm.client import (
 )
 
 
-def client_url(url: str) -> str:
-    """The URL as RewardClient takes it: an HTTP one may also name the /score endpoint."""
-    url = url.rstrip("/")
-    if urlsplit(url).scheme.lower() in ("http", "https"):
-        return url.removesuffix("/score")
-    return url
-
-
 def score_one(url: str, prompt: str, response: str, *, api_key: str | None = None,
               timeout: float = 60.0) -> tuple[ModelInfo, ItemScore]:
     """The served model and the item's score with its tokens and offsets, within `timeout`
     seconds in all (retries included); ScoreCliError saying why not."""
     try:
-        client = RewardClient(client_url(url), api_key=api_key, timeout_s=timeout)
+        client = RewardClient(url, api_key=api_key, timeout_s=timeout)
     except ValueError as exc:  # not a URL the client speaks
         raise ScoreCliError(_one_line(exc)) from None
     try:

@@ -9,7 +9,7 @@ import ssl
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import grpc
 import numpy as np
@@ -25,19 +25,27 @@ BYTES_PER_TOKEN = 8         # a token id or a character's worth of JSON, generou
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def make_transport(url: str, api_key: str | None, root_certificates: bytes | None) -> Transport:
-    """http:// and https:// speak HTTP; grpc:// plaintext gRPC; grpcs:// gRPC over TLS."""
+def checked_url(url: str) -> SplitResult:
+    """`url`'s parts, or ValueError when it is not one a client can use."""
     parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "grpc", "grpcs") or not parts.netloc:
+        raise ValueError(f"{url!r}: the URL must start with http://, https://, grpc:// or "
+                         "grpcs://")
+    return parts
+
+
+def make_transport(url: str, api_key: str | None, root_certificates: bytes | None) -> Transport:
+    """http:// and https:// speak HTTP (a URL may name the /score endpoint: the server is the
+    rest); grpc:// plaintext gRPC; grpcs:// gRPC over TLS."""
+    parts = checked_url(url)
     if parts.scheme in ("http", "https"):
         verify: bool | ssl.SSLContext = True
         if parts.scheme == "https" and root_certificates is not None:
             verify = ssl.create_default_context(cadata=root_certificates.decode())
-        return HttpTransport(url, api_key, verify)
-    if parts.scheme in ("grpc", "grpcs") and parts.netloc:
-        credentials = grpc.ssl_channel_credentials(root_certificates) \
-            if parts.scheme == "grpcs" else None
-        return GrpcTransport(parts.netloc, api_key, credentials, MAX_MESSAGE_BYTES)
-    raise ValueError(f"{url!r}: the URL must start with http://, https://, grpc:// or grpcs://")
+        return HttpTransport(url.rstrip("/").removesuffix("/score"), api_key, verify)
+    credentials = grpc.ssl_channel_credentials(root_certificates) \
+        if parts.scheme == "grpcs" else None
+    return GrpcTransport(parts.netloc, api_key, credentials, MAX_MESSAGE_BYTES)
 
 
 class AsyncRewardClient:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenrm.client.alignment import Send
+from tokenrm.client.async_client import checked_url
 from tokenrm.core.reductions import REDUCTIONS
 
 DEFAULT_URL = "grpc://127.0.0.1:50051"
@@ -34,6 +35,8 @@ class Options:
             raise ValueError(f"send {self.send!r}: choose auto, ids or text")
         if not self.urls:
             raise ValueError("urls: give at least one tokenrm server URL")
+        for url in self.urls:  # now, not at the trainer's first reward call
+            checked_url(url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **given: Any) -> Options:

@@ -79,6 +79,11 @@ def test_urls_pick_the_transport_and_bad_ones_are_refused() -> None:
     asyncio.set_event_loop(None)  # as after asyncio.run: clients are made outside any loop
     assert type(make_transport("http://h:1", None, None)).__name__ == "HttpTransport"
     assert type(make_transport("grpc://h:1", None, None)).__name__ == "GrpcTransport"
+    for url, server in (("http://h:8000/score", "http://h:8000"),  # the endpoint, as pasted
+                        ("https://h/prefix/score/", "https://h/prefix"),
+                        ("http://h:8000/", "http://h:8000")):
+        transport = make_transport(url, None, None)
+        assert isinstance(transport, HttpTransport) and transport.url == server, url
     with pytest.raises(ValueError, match="http://, https://, grpc:// or grpcs://"):
         make_transport("ftp://h:1", None, None)
 

@@ -10,6 +10,7 @@ from tokenrm.client import ItemScore
 from tokenrm.client.alignment import plan
 from tokenrm.core.reductions import reduce_rewards, token_summary
 from tokenrm.integrations.options import DEFAULT_URL, Options
+from tokenrm.integrations.trl import TokenRMReward
 
 
 def test_arguments_win_over_the_environment_which_wins_over_defaults() -> None:
@@ -28,10 +29,17 @@ def test_arguments_win_over_the_environment_which_wins_over_defaults() -> None:
     ({"TOKENRM_REDUCTION": "median"}, "reduction 'median'"),
     ({"TOKENRM_SEND": "bytes"}, "send 'bytes'"),
     ({"TOKENRM_DENSE": "maybe"}, "TOKENRM_DENSE='maybe'"),
+    ({"TOKENRM_URL": "127.0.0.1:50051"}, "'127.0.0.1:50051': the URL must start with"),
+    ({"TOKENRM_URL": "grpc://a:1,tcp://b:2"}, "'tcp://b:2': the URL must start with"),
 ])
 def test_a_bad_option_is_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Options.from_env(env)
+
+
+def test_a_bad_url_is_refused_when_the_integration_is_made_not_at_its_first_call() -> None:
+    with pytest.raises(ValueError, match=r"'127\.0\.0\.1:50051': the URL must start with"):
+        TokenRMReward("127.0.0.1:50051")
 
 
 def test_reductions_and_summary() -> None:
