@@ -5,6 +5,7 @@
 - `verl`: `TokenRMRewardManager`, dense per-token rewards aligned to the policy's tokens;
 - `trl`: `TokenRMReward`, an async reward function for GRPOTrainer and RLOOTrainer.
 
-Each imports its trainer's package only when used; all go through tokenrm.client and read
+Each is its own module, so a trainer's package is imported only with its module (verl's manager
+subclasses verl's base class: importing it needs verl); all go through tokenrm.client and read
 their defaults from TOKENRM_* environment variables (`options.Options`).
 """
