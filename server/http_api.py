@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenrm.server import http_schema as schema
 from tokenrm.server.errors import ScoringError
@@ -21,7 +22,7 @@ from tokenrm.server.http_common import (
     json_response,
     parse,
 )
-from tokenrm.server.http_errors import error_response
+from tokenrm.server.http_errors import error_response, route_error_response
 from tokenrm.server.http_openrlhf import router as openrlhf_router
 from tokenrm.server.items import ItemScore, ScoreItem
 from tokenrm.server.service import ScoreAnswer, ScoreRequest
@@ -114,6 +115,11 @@ def add_http_api(app: FastAPI) -> None:
     @app.exception_handler(ScoringError)
     async def _on_error(request: Request, exc: ScoringError) -> Response:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_route_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return route_error_response(request.method, request.url.path, exc.status_code,
+                                    exc.headers)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -36,3 +36,17 @@ def error_headers(exc: ScoringError) -> dict[str, str]:
 def error_response(exc: ScoringError) -> Response:
     return Response(error_body(exc), status_code=STATUS.get(exc.code, 500),
                     media_type="application/json", headers=error_headers(exc))
+
+
+def route_error_response(method: str, path: str, status: int, headers: dict[str, str] | None
+                         ) -> Response:
+    """A request no route takes (404, 405 with Allow, ...), in the same error body as the rest."""
+    allowed = {k.lower(): v for k, v in (headers or {}).items()}.get("allow", "")
+    code, message = {
+        404: ("not_found", "nothing at this path (the routes are in the README)"),
+        405: ("method_not_allowed",
+              f"{method} is not allowed on {path}; allowed: {allowed}"),
+    }.get(status, ("bad_request", f"{method} {path}: refused ({status})"))
+    body = orjson.dumps({"error": {"code": code, "message": message, "item": None,
+                                   "field": None}})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)

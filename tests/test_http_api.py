@@ -123,6 +123,18 @@ def test_bad_input_is_a_clear_4xx(client: TestClient, name: str, body: bytes, st
     assert client.post("/score", json={"items": [TEXT]}).status_code == 200  # still serving
 
 
+def test_a_wrong_route_or_method_gets_the_same_error_body(client: TestClient) -> None:
+    missing = client.post("/scores", json={"items": []})
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {
+        "code": "not_found", "message": "nothing at this path (the routes are in the README)",
+        "item": None, "field": None}}
+    wrong = client.get("/score")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"] == {"code": "method_not_allowed", "item": None, "field": None,
+                                     "message": "GET is not allowed on /score; allowed: POST"}
+
+
 def test_the_second_item_is_named(client: TestClient) -> None:
     r = client.post("/score", json={"items": [TEXT, {"prompt": "a", "response": ""}]})
     assert r.status_code == 422 and r.json()["error"]["item"] == 1
