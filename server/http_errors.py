@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import orjson
 from fastapi.responses import Response
 
@@ -38,8 +40,8 @@ def error_response(exc: ScoringError) -> Response:
                     media_type="application/json", headers=error_headers(exc))
 
 
-def route_error_response(method: str, path: str, status: int, headers: dict[str, str] | None
-                         ) -> Response:
+def route_error_response(method: str, path: str, status: int,
+                         headers: Mapping[str, str] | None) -> Response:
     """A request no route takes (404, 405 with Allow, ...), in the same error body as the rest."""
     allowed = {k.lower(): v for k, v in (headers or {}).items()}.get("allow", "")
     code, message = {
@@ -49,4 +51,5 @@ def route_error_response(method: str, path: str, status: int, headers: dict[str,
     }.get(status, ("bad_request", f"{method} {path}: refused ({status})"))
     body = orjson.dumps({"error": {"code": code, "message": message, "item": None,
                                    "field": None}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers=dict(headers or {}))
