@@ -66,7 +66,9 @@ def prepare(model: RewardModel, index: int, item: ScoreItem, max_tokens: int) ->
                            item=index, field=field)
     if len(response_ids) > max_tokens:
         raise InvalidInput(f"items[{index}].{field}: {len(response_ids)} tokens; the limit "
-                           f"is {max_tokens} per item, prompt included", item=index, field=field)
+                           f"is {max_tokens} tokens per item (a prompt is cut from the left to "
+                           f"fit beside the response, a response is not cut)", item=index,
+                           field=field)
     prompt_ids, response_ids, _ = fit(prompt_ids, response_ids, max_tokens)
     return Prepared(prompt_ids, response_ids, offsets)
 
