@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from tokenrm.client import (
     ServerError,
 )
 
+FIRST_WAIT_S = 3.0  # at a terminal, how long before a silent wait is explained
+
 
 def score_one(url: str, prompt: str, response: str, *, api_key: str | None = None,
               timeout: float = 60.0) -> tuple[ModelInfo, ItemScore]:
@@ -37,10 +40,24 @@ def score_one(url: str, prompt: str, response: str, *, api_key: str | None = Non
         raise ScoreCliError(_one_line(exc)) from None
     try:
         with client:
-            [score] = client.score([Item.text(prompt, response)], return_tokens=True)
+            deadline = time.monotonic() + timeout
+            if sys.stderr.isatty() and timeout > FIRST_WAIT_S:
+                _say_when_it_waits(client, url, timeout)
+            [score] = client.score([Item.text(prompt, response)], return_tokens=True,
+                                   timeout_s=max(0.001, deadline - time.monotonic()))
             return client.model_info(), score  # read by score() already: no request
     except (RewardClientError, ValueError) as exc:
         raise _failure(url, timeout, exc) from None
+
+
+def _say_when_it_waits(client: RewardClient, url: str, timeout: float) -> None:
+    """At a terminal: one line when the server has not answered within FIRST_WAIT_S (it is
+    not running, or still starting), so that the rest of the wait is not silent."""
+    try:
+        client.model_info(FIRST_WAIT_S)  # remembered: score() asks no more
+    except DeadlineError as exc:
+        print(f"tokenrm score: no answer from {url} yet ({_one_line(exc)}); trying until "
+              f"--timeout ({timeout:g} s) passes, Ctrl-C stops", file=sys.stderr, flush=True)
 
 
 def _failure(url: str, timeout: float, exc: Exception) -> ScoreCliError:

@@ -31,6 +31,7 @@ from tokenrm.cli.score_view import (
     show,
 )
 from tokenrm.client import ItemScore
+from tokenrm.server import launcher
 from tokenrm.server.launcher import Running, free_port, serve
 
 SCHEMES = ["http", "grpc"]
@@ -278,3 +279,36 @@ def test_an_unreadable_response_file_is_a_clear_error(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert f"cannot read {tmp_path / 'missing.txt'}" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_at_a_terminal_a_long_wait_is_explained_then_it_answers_when_the_server_comes(
+        tiny_checkpoint: Path) -> None:
+    """Started before its server (at a terminal: stderr a pty): after FIRST_WAIT_S one line
+    says it has no answer yet and keeps trying; the server comes up within --timeout, and the
+    score is printed."""
+    port = free_port()
+    primary, secondary = os.openpty()
+    try:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "tokenrm.cli.main", "score", "--url",
+             f"http://127.0.0.1:{port}", "--prompt", "p", "--response", RESPONSE, "--json",
+             "--timeout", "150"],
+            stdout=subprocess.PIPE, stderr=secondary, text=True)
+        os.close(secondary)
+        said = b""
+        while b"trying until" not in said:  # the pty's end: read as it comes
+            chunk = os.read(primary, 4096)
+            assert chunk, said
+            said += chunk
+        assert said.decode().startswith(
+            f"tokenrm score: no answer from http://127.0.0.1:{port} yet"), said
+        server = launcher.start(tiny_checkpoint, port, free_port(), timeout_s=120)
+        try:
+            out, _ = command.communicate(timeout=150)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        assert command.returncode == 0
+        assert len(json.loads(out)["results"][0]["rewards"]) > 0
+    finally:
+        os.close(primary)
