@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from fastapi import FastAPI
 from tokenrm.server.app import create_app
 from tokenrm.server.http_headers import BoundedHeadersProtocol
 from tokenrm.server.live import load_model
-from tokenrm.server.settings import Settings
+from tokenrm.server.settings import Settings, misread_variables
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def run(settings: Settings) -> None:
     """Load the model first, so that a bad checkpoint fails here with its reason, then serve."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in misread_variables(os.environ):
+        log.warning(line)
     check_grpc_port(settings)
     app = create_app(settings, load_model(settings), grpc=settings.grpc_port != 0)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level="info",

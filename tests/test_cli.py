@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTo
 
 from tokenrm.cli.extras import advice
 from tokenrm.cli.main import main
+from tokenrm.integrations.options import Options
 from tokenrm.server.launcher import free_port
+from tokenrm.server.settings import CLIENT_VARIABLES, misread_variables
 from tokenrm.training.data import load_pairs
 
 
@@ -69,6 +72,22 @@ def test_invalid_server_settings_are_one_line_each_not_a_traceback() -> None:
     # A key list with no key would otherwise serve without authentication.
     assert "TOKENRM_API_KEYS: set, but holds no key" in line
     assert "TOKENRM_MAX_QUEUE_ITEMS: Input should be a valid integer" in line
+
+
+def test_variables_the_server_would_ignore_by_mistake_are_named() -> None:
+    env = {"TOKENRM_MAX_ITEMS": "3", "TOKENRM_DTPYE": "float32", "TOKENRM_API_KEY": "k",
+           "TOKENRM_URL": "grpc://h:1", "TOKENRM_TRAINER_VENVS": "1", "TOKENRM_DTYPE": "auto"}
+    assert misread_variables(env) == [
+        "TOKENRM_API_KEY is the clients' key; the server reads its keys from TOKENRM_API_KEYS, "
+        "which is not set: every route is open",
+        "TOKENRM_DTPYE is not a setting and is ignored: did you mean TOKENRM_DTYPE?",
+        "TOKENRM_MAX_ITEMS is not a setting and is ignored: did you mean "
+        "TOKENRM_MAX_ITEMS_PER_REQUEST or TOKENRM_MAX_WAIT_MS?"]
+    assert misread_variables({"TOKENRM_API_KEY": "k", "TOKENRM_API_KEYS": "k"}) == []
+    # The client side's variables are what the integrations read
+    read = {"TOKENRM_URL"} | {f"TOKENRM_{f.name.upper()}" for f in fields(Options)
+                              if f.name != "urls"}
+    assert read == CLIENT_VARIABLES
 
 
 @pytest.mark.parametrize("cls, labels", [(LlamaForSequenceClassification, 1),

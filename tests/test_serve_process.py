@@ -87,7 +87,7 @@ def test_the_start_up_log_is_tokenrms_and_uvicorns_only(tmp_path: Path) -> None:
     port = free_port()
     log_path = tmp_path / "log.txt"
     env = {**os.environ, "TOKENRM_WORKERS": "1", "TOKENRM_THREADS": "2", "TOKENRM_TRACE": "0",
-           "TOKENRM_DTYPE": "float32"}
+           "TOKENRM_DTYPE": "float32", "TOKENRM_MAX_ITEMS": "3"}
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tokenrm.cli.main", "serve", "--port",
                                  str(port), "--grpc-port", str(free_port())],
@@ -104,6 +104,8 @@ def test_the_start_up_log_is_tokenrms_and_uvicorns_only(tmp_path: Path) -> None:
     assert any("tokenrm.server.app: serving demo-token-rm (token rewards, max 640 tokens) on "
                "cpu: float32, forward workers 1, torch threads per worker 2, eager forward, "
                "prefix reuse on" in line for line in lines), lines
+    assert any(line.startswith("WARNING tokenrm.server.serve: TOKENRM_MAX_ITEMS is not a setting")
+               for line in lines), lines  # a misspelt setting is said, not silently ignored
     strangers = [line for line in lines if not re.match(r"(INFO|WARNING|ERROR):? ", line)
                  or not re.match(r"\w+:\s{2,}|\w+ tokenrm\.", line)]
     assert strangers == [], strangers
