@@ -22,8 +22,12 @@ STATUS = {
 
 
 def error_body(exc: ScoringError) -> bytes:
-    return orjson.dumps({"error": {"code": exc.code, "message": exc.message, "item": exc.item,
-                                   "field": exc.field}})
+    return _body(exc.code, exc.message, exc.item, exc.field)
+
+
+def _body(code: str, message: str, item: int | None = None, field: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message, "item": item,
+                                   "field": field}})
 
 
 def error_headers(exc: ScoringError) -> dict[str, str]:
@@ -49,7 +53,5 @@ def route_error_response(method: str, path: str, status: int,
         405: ("method_not_allowed",
               f"{method} is not allowed on {path}; allowed: {allowed}"),
     }.get(status, ("bad_request", f"{method} {path}: refused ({status})"))
-    body = orjson.dumps({"error": {"code": code, "message": message, "item": None,
-                                   "field": None}})
-    return Response(body, status_code=status, media_type="application/json",
+    return Response(_body(code, message), status_code=status, media_type="application/json",
                     headers=dict(headers or {}))

@@ -105,10 +105,11 @@ CLIENT_VARIABLES = frozenset({"TOKENRM_URL", "TOKENRM_API_KEY", "TOKENRM_TIMEOUT
 def misread_variables(environ: Mapping[str, str]) -> list[str]:
     """A line for each TOKENRM_* variable the server will ignore although it was likely meant
     for it: a name close to a setting's, or the clients' TOKENRM_API_KEY with no server keys."""
-    settings = {f"TOKENRM_{name.upper()}" for name in Settings.model_fields}
+    known = sorted(name.upper() for name in Settings.model_fields)
     lines = []
     for name in sorted(n for n in environ if n.startswith("TOKENRM_")):
-        if name in settings:
+        given = name.removeprefix("TOKENRM_")
+        if given in known:
             continue
         if name == "TOKENRM_API_KEY" and not environ.get("TOKENRM_API_KEYS"):
             lines.append("TOKENRM_API_KEY is the clients' key; the server reads its keys from "
@@ -116,13 +117,10 @@ def misread_variables(environ: Mapping[str, str]) -> list[str]:
             continue
         if name in CLIENT_VARIABLES:
             continue
-        given, known = name.removeprefix("TOKENRM_"), sorted(s.removeprefix("TOKENRM_")
-                                                             for s in settings)
         close = [k for k in known if k.startswith(given) or given.startswith(k)]
         close += [k for k in difflib.get_close_matches(given, known, n=2, cutoff=0.6)
                   if k not in close]
-        close = close[:2]
         if close:
             lines.append(f"{name} is not a setting and is ignored: did you mean "
-                         + " or ".join(f"TOKENRM_{c}" for c in close) + "?")
+                         + " or ".join(f"TOKENRM_{c}" for c in close[:2]) + "?")
     return lines
